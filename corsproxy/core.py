@@ -150,7 +150,27 @@ class OriginRegex:
         if compiled is None:
             compiled = re.compile(pattern)  # re.error propagates: an invalid regex
             self.engine = "re"
-        self.fullmatch = compiled.fullmatch
+            self.fullmatch = compiled.fullmatch
+        else:
+            self.fullmatch = _utf8_only(compiled.fullmatch)
+
+
+def _utf8_only(fullmatch):
+    """Wrap an RE2 ``fullmatch`` so a value that is not valid UTF-8 is a non-match.
+
+    aiohttp decodes header bytes with ``surrogateescape``, so an Origin holding a
+    non-UTF-8 byte arrives with lone surrogates, which RE2 refuses to encode
+    (``UnicodeEncodeError``). Such a value is no browser origin; it must be denied,
+    not crash the request.
+    """
+
+    def guarded(value: str):
+        try:
+            return fullmatch(value)
+        except UnicodeEncodeError:
+            return None
+
+    return guarded
 
 
 def compile_origin_regex(pattern: str) -> OriginRegex:
