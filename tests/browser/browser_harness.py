@@ -288,8 +288,9 @@ class ProxyProcess:
                     f"corsproxy exited with code {self.proc.returncode} before listening.\n"
                     f"command: {' '.join(cmd)}\nconfig:\n{self.config_path.read_text()}\n{text}"
                 )
-            with contextlib.suppress(OSError), socket.create_connection(
-                ("127.0.0.1", self.port), timeout=0.5
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
             ):
                 return True
             time.sleep(0.05)

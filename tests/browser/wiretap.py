@@ -13,7 +13,7 @@ connection is a strict sequence of request, response, request, response.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 MAX_KEPT_BODY = 64 * 1024
 
