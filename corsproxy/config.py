@@ -216,8 +216,7 @@ def origin_problem(value: str) -> str | None:
         )
     if after:
         return (
-            f"{shown} has a path; an origin is only scheme://host[:port]: "
-            f"write {json.dumps(fixed)}"
+            f"{shown} has a path; an origin is only scheme://host[:port]: write {json.dumps(fixed)}"
         )
     if "@" in hostport:
         return f"{shown} has a user name; an origin never does: write {json.dumps(fixed)}"
@@ -238,7 +237,9 @@ def origin_problem(value: str) -> str | None:
                 f"send it: write {json.dumps(fixed)}"
             )
         if str(int(port)) != port:
-            return f"{shown}: browsers send the port without leading zeros: write {json.dumps(fixed)}"
+            return (
+                f"{shown}: browsers send the port without leading zeros: write {json.dumps(fixed)}"
+            )
     if not (_HOSTNAME.fullmatch(host) or (not wildcard and _IPV6.fullmatch(host))):
         return f'{shown} has an invalid host name; write e.g. "https://app.example.com"'
     return None
@@ -255,8 +256,10 @@ def _check_regex(value: str | None) -> str | None:
     if value is None:
         return None
     if value == "":
-        raise _fail("is empty; write null for no regex, or a pattern such as "
-                    r'"https://[a-z0-9-]+\.example\.com"')
+        raise _fail(
+            "is empty; write null for no regex, or a pattern such as "
+            r'"https://[a-z0-9-]+\.example\.com"'
+        )
     try:
         compile_origin_regex(value)
     except re.error as e:
@@ -295,7 +298,7 @@ def _check_upstream_url(value: str | None) -> str | None:
     if not value or any(c.isspace() for c in value):
         raise _fail(f"{shown} is not a URL; write e.g. {example!r}".replace("'", '"'))
     if "://" not in value:
-        raise _fail(f"{shown} needs a scheme: write \"http://{value.lstrip('/')}\"")
+        raise _fail(f'{shown} needs a scheme: write "http://{value.lstrip("/")}"')
     parts = urlsplit(value)
     if parts.scheme.lower() not in ("http", "https"):
         raise _fail(
@@ -309,11 +312,11 @@ def _check_upstream_url(value: str | None) -> str | None:
     try:
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError:
-        raise _fail(f"{shown} has an invalid port; use 1-65535, e.g. \"{example}\"") from None
+        raise _fail(f'{shown} has an invalid port; use 1-65535, e.g. "{example}"') from None
     if parts.query or value.endswith("?"):
         raise _fail(
             f"{shown} has a query; the upstream URL may carry a base path but no query: "
-            f"remove \"?{parts.query}\""
+            f'remove "?{parts.query}"'
         )
     if parts.fragment or "#" in value:
         raise _fail(f'{shown} has a fragment; remove "#{parts.fragment}"')
@@ -328,9 +331,7 @@ def _check_route_path(value: str) -> str:
         raise _fail(f"{shown} contains whitespace; write the raw (percent-encoded) path")
     if "?" in value or "#" in value:
         base = re.split(r"[?#]", value, maxsplit=1)[0]
-        raise _fail(
-            f"{shown}: a route matches the request path without the query; write \"{base}\""
-        )
+        raise _fail(f'{shown}: a route matches the request path without the query; write "{base}"')
     if "*" in value:
         base = value.split("*", 1)[0].rstrip("/") or "/"
         raise _fail(
@@ -355,6 +356,11 @@ def _none_is_empty(value: Any) -> Any:
     return {} if value is None else value
 
 
+def _none_is_empty_list(value: Any) -> Any:
+    """``routes:`` with nothing under it means no routes."""
+    return [] if value is None else value
+
+
 def _str_list(check: Callable[[str], str]) -> Any:
     return Annotated[
         list[Annotated[str, AfterValidator(check)]],
@@ -375,9 +381,7 @@ class ListenModel(BaseModel):
     model_config = _STRICT
 
     host: str = Field("127.0.0.1", description="Address to bind, e.g. 127.0.0.1 or 0.0.0.0.")
-    port: int = Field(
-        8080, ge=0, le=65535, description="TCP port; 0 picks any free port."
-    )
+    port: int = Field(8080, ge=0, le=65535, description="TCP port; 0 picks any free port.")
     max_body_size: int | None = Field(
         None,
         gt=0,
@@ -424,7 +428,7 @@ class CorsModel(BaseModel):
     model_config = _STRICT
 
     allow_origins: OriginList = Field(
-        default_factory=list,
+        default=[],
         description='Allowed origins: exact "scheme://host[:port]" (lower case, no path, no '
         'default port), "*" (any origin; not with allow_credentials), patterns '
         '"https://*.example.com" (one or more subdomain labels, never the apex), or "null" '
@@ -437,13 +441,13 @@ class CorsModel(BaseModel):
         examples=[r"https://[a-z0-9-]+\.example\.com"],
     )
     allow_methods: MethodList = Field(
-        default_factory=lambda: ["GET"],
-        description='Methods a preflight may ask for (case-sensitive; GET, HEAD and POST are '
+        default=["GET"],
+        description="Methods a preflight may ask for (case-sensitive; GET, HEAD and POST are "
         'always allowed); "*" allows any method.',
         examples=[["GET", "POST", "PUT", "DELETE"]],
     )
     allow_headers: HeaderList = Field(
-        default_factory=list,
+        default=[],
         description="Request headers a preflight may ask for (case-insensitive); Accept, "
         'Accept-Language, Content-Language and Content-Type always are; "*" allows any.',
         examples=[["Authorization", "X-Request-Id"]],
@@ -452,7 +456,7 @@ class CorsModel(BaseModel):
         False, description="Allow cookies/HTTP auth (Access-Control-Allow-Credentials: true)."
     )
     expose_headers: HeaderList = Field(
-        default_factory=list,
+        default=[],
         description="Response headers the page may read (Access-Control-Expose-Headers).",
         examples=[["X-Request-Id"]],
     )
@@ -481,7 +485,7 @@ def _route_cors_schema(schema: dict[str, Any]) -> None:
 
 
 class RouteCorsModel(CorsModel):
-    """A route's CORS overrides: only the keys written replace the top-level ``cors``
+    """A route's CORS overrides: only the keys written replace the top-level cors
     ones (field by field); the rest is inherited."""
 
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_route_cors_schema)
@@ -497,7 +501,10 @@ class RouteModel(BaseModel):
         "not /apis); the longest matching route wins.",
         examples=["/api"],
     )
-    cors: Annotated[RouteCorsModel, BeforeValidator(_none_is_empty)] = Field(
+    cors: Annotated[
+        RouteCorsModel,
+        BeforeValidator(_none_is_empty, json_schema_input_type=RouteCorsModel | None),
+    ] = Field(
         default_factory=RouteCorsModel,
         description="Overrides of the top-level cors keys for this path.",
     )
@@ -513,18 +520,19 @@ class ConfigModel(BaseModel):
         json_schema_extra={"$schema": "https://json-schema.org/draft/2020-12/schema"},
     )
 
-    listen: Annotated[ListenModel, BeforeValidator(_none_is_empty)] = Field(
-        default_factory=ListenModel, description="Where the proxy listens."
-    )
-    upstream: Annotated[UpstreamModel, BeforeValidator(_none_is_empty)] = Field(
-        default_factory=UpstreamModel, description="The API behind the proxy."
-    )
-    cors: Annotated[CorsModel, BeforeValidator(_none_is_empty)] = Field(
-        default_factory=CorsModel, description="The CORS policy for every path."
-    )
-    routes: Annotated[list[RouteModel], BeforeValidator(lambda v: [] if v is None else v)] = (
-        Field(default_factory=list, description="Per-path CORS overrides.")
-    )
+    listen: Annotated[
+        ListenModel, BeforeValidator(_none_is_empty, json_schema_input_type=ListenModel | None)
+    ] = Field(default_factory=ListenModel, description="Where the proxy listens.")
+    upstream: Annotated[
+        UpstreamModel, BeforeValidator(_none_is_empty, json_schema_input_type=UpstreamModel | None)
+    ] = Field(default_factory=UpstreamModel, description="The API behind the proxy.")
+    cors: Annotated[
+        CorsModel, BeforeValidator(_none_is_empty, json_schema_input_type=CorsModel | None)
+    ] = Field(default_factory=CorsModel, description="The CORS policy for every path.")
+    routes: Annotated[
+        list[RouteModel],
+        BeforeValidator(_none_is_empty_list, json_schema_input_type=list[RouteModel] | None),
+    ] = Field(default=[], description="Per-path CORS overrides; the longest matching path wins.")
 
 
 def config_json_schema() -> dict[str, Any]:
@@ -666,7 +674,8 @@ def _english(err: Mapping[str, Any]) -> tuple[tuple[Any, ...], str]:
         if kind == "list_type" and name in _EXAMPLES:
             expected = "expected a list (or a single string)"
         if isinstance(loc[-1], int) and name == "routes":
-            return loc, f"expected a mapping with path and cors, got {_describe(value)}{for_example}"
+            got = _describe(value)
+            return loc, f"expected a mapping with path and cors, got {got}{for_example}"
         if value is None and name == "allow_origins":
             return loc, (
                 'got null; to allow the "null" origin (sandboxed iframes, file: pages) write it '
@@ -813,8 +822,10 @@ def _star_with_credentials(
     )
     if "allow_origins" in written:
         index = written["allow_origins"].index("*")
-        from_ = f"{where}.allow_credentials" if "allow_credentials" in written else (
-            f"{parent}.allow_credentials"
+        from_ = (
+            f"{where}.allow_credentials"
+            if "allow_credentials" in written
+            else (f"{parent}.allow_credentials")
         )
         return (
             f'{where}.allow_origins[{index}]: "*" cannot be combined with allow_credentials: '
@@ -863,15 +874,24 @@ def _policy_warnings(
     if merged["allow_credentials"]:
         touched = top or "allow_credentials" in written
         for key, what in (
-            ("expose_headers", 'is a literal header name in Access-Control-Expose-Headers when '
-                               'credentials are allowed, so no header is exposed by it; list the '
-                               'header names to expose'),
-            ("allow_headers", "is literal for browsers on credentialed requests, so corsproxy "
-                              "echoes the requested header names instead: this works, but allows "
-                              "every header; list the names if you can"),
-            ("allow_methods", "is literal for browsers on credentialed requests, so corsproxy "
-                              "echoes the requested method instead: this works, but allows every "
-                              "method; list the methods if you can"),
+            (
+                "expose_headers",
+                "is a literal header name in Access-Control-Expose-Headers when "
+                "credentials are allowed, so no header is exposed by it; list the "
+                "header names to expose",
+            ),
+            (
+                "allow_headers",
+                "is literal for browsers on credentialed requests, so corsproxy "
+                "echoes the requested header names instead: this works, but allows "
+                "every header; list the names if you can",
+            ),
+            (
+                "allow_methods",
+                "is literal for browsers on credentialed requests, so corsproxy "
+                "echoes the requested method instead: this works, but allows every "
+                "method; list the methods if you can",
+            ),
         ):
             if "*" in merged[key] and (touched or key in written):
                 out.append(f'{where}.{key}: "*" with allow_credentials: true {what}')
@@ -885,8 +905,10 @@ def _policy_warnings(
                 f"{upper} in upper case and methods compare case-sensitively; write {upper}"
             )
     origin_keys = ("allow_origins", "allow_origin_regex")
-    if (top or any(k in written for k in origin_keys)) and not merged["allow_origins"] and not (
-        merged["allow_origin_regex"]
+    if (
+        (top or any(k in written for k in origin_keys))
+        and not merged["allow_origins"]
+        and not (merged["allow_origin_regex"])
     ):
         out.append(
             f"{where}.allow_origins: empty and no allow_origin_regex, so no origin is allowed "
@@ -1064,8 +1086,10 @@ def load_config(
     except OSError as e:
         reason = e.strerror or str(e)
         raise ConfigError(
-            [f"{source}: cannot read the config file ({reason}); check the path "
-             f"(--config or CORSPROXY_CONFIG)"]
+            [
+                f"{source}: cannot read the config file ({reason}); check the path "
+                f"(--config or CORSPROXY_CONFIG)"
+            ]
         ) from None
     try:
         text = data.decode("utf-8-sig")

@@ -1,0 +1,505 @@
+"""The ``corsproxy`` command (also ``python -m corsproxy``).
+
+Commands: ``run`` (the proxy), ``check`` (validate a config and print the effective
+policy), ``explain`` (what the proxy would answer to one request, and why),
+``demo``, ``schema`` (the config file's JSON Schema) and ``healthcheck`` (for the
+Dockerfile's HEALTHCHECK).
+
+Exit codes: 0 success (``explain`` exits 0 whatever the verdict), 1 an unusable
+config or a failed health check, 2 bad command-line arguments (argparse's
+convention), 130 interrupted. A user error never prints a traceback: config
+problems arrive as :class:`~corsproxy.config.ConfigError` lines, file problems as
+``OSError``, both printed in one line each.
+
+``--config`` defaults to the ``CORSPROXY_CONFIG`` environment variable in every
+command. ``run`` and ``demo`` import the server lazily, so ``check``, ``explain``
+and ``schema`` start fast and never load aiohttp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+from . import __version__
+from .config import Config, ConfigError, config_json_schema, load_config
+from .core import SAFELISTED_REQUEST_HEADERS, CorsSettings, Decision, RequestView
+
+ENV_CONFIG = "CORSPROXY_CONFIG"
+HEALTHCHECK_URL = "http://127.0.0.1:8080/"
+HEALTHCHECK_ORIGIN = "http://corsproxy-healthcheck.invalid"
+HEALTHCHECK_TIMEOUT = 3.0
+
+
+class UsageError(Exception):
+    """A bad command line that argparse can't see (exit 2)."""
+
+
+# ---------------------------------------------------------------------------
+# Argument parsing
+# ---------------------------------------------------------------------------
+
+
+def _config_arg(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    env = os.environ.get(ENV_CONFIG) or None
+    parser.add_argument(
+        "--config",
+        "-c",
+        metavar="FILE",
+        default=env,
+        help=f"the YAML config file (default: ${ENV_CONFIG}"
+        + (f", now {env!r})" if env else ", which is not set)"),
+    )
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (0-65535)")
+    return port
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser for every command (exposed for docs and tests)."""
+    parser = argparse.ArgumentParser(
+        prog="corsproxy",
+        description="A CORS-enforcing reverse proxy: one YAML policy in front of any HTTP API.",
+        epilog=f"--config defaults to ${ENV_CONFIG} in every command.",
+    )
+    parser.add_argument("--version", action="version", version=f"corsproxy {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("run", help="run the proxy", description="Run the proxy.")
+    _config_arg(p)
+    p.add_argument("--upstream", metavar="URL", help="override upstream.url")
+    p.add_argument("--host", metavar="HOST", help="override listen.host")
+    p.add_argument("--port", metavar="PORT", type=_port, help="override listen.port")
+    p.add_argument(
+        "--log-format", choices=("text", "json"), default="text", help="access log format"
+    )
+
+    p = sub.add_parser(
+        "check",
+        help="validate a config and print the effective policy",
+        description="Validate a config file. Exit 0 and print the effective CORS policy "
+        "of every route; exit 1 and print every error (stderr).",
+    )
+    _config_arg(p)
+
+    p = sub.add_parser(
+        "explain",
+        help="show what the proxy would answer to one request, and why",
+        description="Decide one request with the config's policy and print the verdict, "
+        "the reasons and exactly the headers the proxy would send. --request-method makes "
+        "it a preflight (method OPTIONS). Without --origin the request is not a CORS "
+        "request (it gets only Vary: Origin). Exit 0 whatever the verdict.",
+    )
+    _config_arg(p)
+    p.add_argument("--origin", metavar="ORIGIN", help="the Origin header (omit: no Origin)")
+    p.add_argument(
+        "--method",
+        metavar="METHOD",
+        help="the request method (default: OPTIONS with --request-method, else GET)",
+    )
+    p.add_argument("--path", metavar="PATH", default="/", help="request path (picks the route)")
+    p.add_argument(
+        "--request-method",
+        metavar="METHOD",
+        help="Access-Control-Request-Method: makes the request a preflight",
+    )
+    p.add_argument(
+        "--request-headers",
+        metavar="A,B",
+        help="Access-Control-Request-Headers, as one comma list",
+    )
+    p.add_argument(
+        "--request-private-network",
+        action="store_true",
+        help="send Access-Control-Request-Private-Network: true",
+    )
+    p.add_argument(
+        "--host",
+        metavar="HOST",
+        help="the Host header (used for the same-origin test under enforce)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser(
+        "demo",
+        help="run a sample API with the proxy in front of it",
+        description="Start a small sample API and corsproxy in front of it with "
+        "config/demo.yaml, and print curl commands to try.",
+    )
+    p.add_argument("--port", type=_port, default=8080, help="proxy port (default 8080)")
+    p.add_argument(
+        "--upstream-port", type=_port, default=8000, help="sample API port (default 8000)"
+    )
+
+    sub.add_parser(
+        "schema",
+        help="print the config file's JSON Schema",
+        description="Print the JSON Schema of the config file (the same as "
+        "corsproxy/config.schema.json).",
+    )
+
+    p = sub.add_parser(
+        "healthcheck",
+        help="check that a running proxy answers (for Docker HEALTHCHECK)",
+        description="Send a CORS preflight (OPTIONS, Origin: "
+        f"{HEALTHCHECK_ORIGIN}, Access-Control-Request-Method: GET) to the proxy. The "
+        "proxy answers preflights itself, so the upstream is never touched. Exit 0 when it "
+        f"answers 200 or 400, 1 otherwise. Target: --url, else listen.host/port from "
+        f"--config (or ${ENV_CONFIG}), else {HEALTHCHECK_URL}.",
+    )
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--url", metavar="URL", help=f"the proxy's URL (default {HEALTHCHECK_URL})")
+    env = os.environ.get(ENV_CONFIG) or None
+    group.add_argument(
+        "--config",
+        "-c",
+        metavar="FILE",
+        default=env,
+        help=f"take the address from this config (default: ${ENV_CONFIG})",
+    )
+    return parser
+
+
+# ---------------------------------------------------------------------------
+# Output helpers
+# ---------------------------------------------------------------------------
+
+
+def _err(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def _need_config(args: argparse.Namespace) -> str:
+    if not args.config:
+        raise UsageError(
+            f"corsproxy {args.command}: no config file: pass --config FILE or set {ENV_CONFIG}"
+        )
+    return args.config
+
+
+def _list(values: Sequence[str]) -> str:
+    return ", ".join(values) if values else "(none)"
+
+
+def _policy_lines(s: CorsSettings, base: CorsSettings | None = None) -> list[str]:
+    """The effective policy, one field per line; ``base`` marks route overrides."""
+    safelisted = ", ".join(SAFELISTED_REQUEST_HEADERS)
+    origins = _list(s.allow_origins)
+    if not s.allow_origins and not s.allow_origin_regex:
+        origins = "(none: no origin is allowed)"
+    rows: list[tuple[str, str]] = [
+        ("allow_origins", origins),
+        ("allow_origin_regex", s.allow_origin_regex or "(none)"),
+        (
+            "allow_methods",
+            (
+                "any method (the requested one is echoed)"
+                if "*" in s.allow_methods
+                else _list(s.allow_methods) + "  (GET, HEAD and POST always)"
+            ),
+        ),
+        (
+            "allow_headers",
+            (
+                "any header (the requested names are echoed)"
+                if "*" in s.allow_headers
+                else _list(s.allow_headers) + f"  ({safelisted} always)"
+            ),
+        ),
+        ("allow_credentials", str(s.allow_credentials).lower()),
+        ("expose_headers", _list(s.expose_headers)),
+        ("max_age", f"{s.max_age} s"),
+        ("allow_private_network", str(s.allow_private_network).lower()),
+        (
+            "enforce",
+            "true (cross-origin requests from other origins get 403)"
+            if s.enforce
+            else "false (other origins are forwarded, without CORS headers)",
+        ),
+    ]
+    lines = []
+    for name, text in rows:
+        mark = ""
+        if base is not None and getattr(s, name) != getattr(base, name):
+            mark = "   <- set by this route"
+        lines.append(f"  {name + ':':<23}{text}{mark}")
+    return lines
+
+
+def _summary(config: Config) -> str:
+    listen, up = config.listen, config.upstream
+    body = "no limit" if listen.max_body_size is None else f"{listen.max_body_size} bytes"
+    out = [
+        f"{config.source}: OK",
+        "",
+        f"listen:   {listen.host}:{listen.port}  (max body {body}, shutdown grace "
+        f"{listen.shutdown_grace:g} s)",
+        f"upstream: {up.url or '(not set: pass --upstream to corsproxy run)'}  (connect timeout "
+        f"{up.connect_timeout:g} s, timeout {up.timeout:g} s, Host: "
+        f"{'the client' + chr(39) + 's' if up.preserve_host else 'the upstream' + chr(39) + 's'})",
+        "",
+        "cors (every path not under a route):",
+        *_policy_lines(config.cors),
+    ]
+    for i, route in enumerate(config.routes):
+        out += [
+            "",
+            f"route {route.path} (routes[{i}]; matches {route.path.rstrip('/') or '/'} and "
+            f"below, longest route wins):",
+            *_policy_lines(route.cors, config.cors),
+        ]
+    n = len(config.warnings)
+    out += ["", f"{1 + len(config.routes)} policies, {n} warning{'s' if n != 1 else ''}"]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = load_config(_need_config(args))
+    print(_summary(config))
+    for w in config.warnings:
+        _err(f"warning: {w}")
+    return 0
+
+
+def _request_view(args: argparse.Namespace) -> RequestView:
+    method = args.method or ("OPTIONS" if args.request_method is not None else "GET")
+    path = args.path.split("?", 1)[0].split("#", 1)[0]
+    if not path.startswith("/"):
+        raise UsageError(f"corsproxy explain: --path {args.path!r} must start with /")
+    return RequestView(
+        method=method,
+        path=path,
+        origin=(args.origin,) if args.origin is not None else (),
+        request_method=args.request_method,
+        request_headers=(args.request_headers,) if args.request_headers is not None else (),
+        request_private_network="true" if args.request_private_network else None,
+        host=args.host,
+    )
+
+
+def _response_headers(decision: Decision) -> list[tuple[str, str]]:
+    return [*decision.headers, ("Vary", ", ".join(decision.vary))]
+
+
+def _route_label(config: Config, route: str | None) -> str:
+    if route is None:
+        return "(top-level cors)"
+    for i, r in enumerate(config.routes):
+        if r.path == route:
+            return f"{route} (routes[{i}])"
+    return route  # pragma: no cover - the router only knows configured routes
+
+
+def explain_json(config: Config, req: RequestView, decision: Decision) -> dict[str, Any]:
+    """The ``explain --json`` object."""
+    request_headers = [["Origin", o] for o in req.origin]
+    if req.request_method is not None:
+        request_headers.append(["Access-Control-Request-Method", req.request_method])
+    request_headers += [["Access-Control-Request-Headers", h] for h in req.request_headers]
+    if req.request_private_network is not None:
+        request_headers.append(
+            ["Access-Control-Request-Private-Network", req.request_private_network]
+        )
+    if req.host is not None:
+        request_headers.append(["Host", req.host])
+    return {
+        "config": config.source,
+        "request": {"method": req.method, "path": req.path, "headers": request_headers},
+        "verdict": decision.verdict,
+        "allowed": decision.allowed,
+        "kind": decision.kind.value,
+        "route": decision.route,
+        "status": decision.status,
+        "forwarded": decision.forward,
+        "reasons": list(decision.reasons),
+        "failed": list(decision.failed),
+        "headers": dict(_response_headers(decision)),
+        "body": decision.body if not decision.forward else None,
+    }
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    config = load_config(_need_config(args))
+    req = _request_view(args)
+    decision = config.router.decide(req)
+    if args.json:
+        print(json.dumps(explain_json(config, req, decision), indent=2))
+        return 0
+    if decision.forward:
+        status = "forwarded upstream (the upstream's status; corsproxy sets the headers below)"
+    else:
+        status = f"{decision.status} (answered by corsproxy, not forwarded)"
+    lines = [f"request:  {req.method} {req.path}"]
+    for origin in req.origin:
+        lines.append(f"          Origin: {origin}")
+    if req.request_method is not None:
+        lines.append(f"          Access-Control-Request-Method: {req.request_method}")
+    for h in req.request_headers:
+        lines.append(f"          Access-Control-Request-Headers: {h}")
+    if req.request_private_network is not None:
+        lines.append("          Access-Control-Request-Private-Network: true")
+    if req.host is not None:
+        lines.append(f"          Host: {req.host}")
+    lines += [
+        f"kind:     {decision.kind.value}",
+        f"route:    {_route_label(config, decision.route)}",
+        f"verdict:  {decision.verdict}",
+        f"status:   {status}",
+        "reasons:",
+        *(f"  - {r}" for r in decision.reasons),
+        "response headers:",
+        *(f"  {name}: {value}" for name, value in _response_headers(decision)),
+    ]
+    if not decision.forward and decision.body:
+        lines.append("body:")
+        lines += [f"  {line}".rstrip() for line in decision.body.rstrip("\n").split("\n")]
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = load_config(
+        _need_config(args),
+        upstream=args.upstream,
+        host=args.host,
+        port=args.port,
+        require_upstream=True,
+    )
+    for w in config.warnings:
+        _err(f"warning: {w}")
+    try:
+        from .server import run_server
+    except ModuleNotFoundError as e:
+        _err(f"corsproxy run: the proxy server is not available ({e}); reinstall corsproxy")
+        return 1
+    return run_server(config, log_format=args.log_format)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        from .demo import run_demo
+    except ModuleNotFoundError as e:
+        _err(f"corsproxy demo: the demo is not available ({e}); reinstall corsproxy")
+        return 1
+    return run_demo(port=args.port, upstream_port=args.upstream_port)
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(config_json_schema(), indent=2))
+    return 0
+
+
+def _healthcheck_target(args: argparse.Namespace) -> str:
+    if args.url:
+        return args.url
+    if not args.config:
+        return HEALTHCHECK_URL
+    listen = load_config(args.config).listen
+    if listen.port == 0:
+        raise UsageError(
+            f"corsproxy healthcheck: {args.config}: listen.port is 0 (any free port), so the "
+            f"address is unknown; pass --url http://HOST:PORT/"
+        )
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(listen.host, listen.host)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{listen.port}/"
+
+
+def healthcheck(url: str, timeout: float = HEALTHCHECK_TIMEOUT) -> tuple[bool, str]:
+    """Send the health preflight to ``url``; (healthy, one line saying what happened)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"corsproxy healthcheck: --url {url!r} must be http://HOST[:PORT]/...")
+    try:
+        port = parts.port
+    except ValueError:
+        raise UsageError(f"corsproxy healthcheck: --url {url!r} has an invalid port") from None
+    conn_class = (
+        http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    )
+    conn = conn_class(parts.hostname, port, timeout=timeout)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    try:
+        conn.request(
+            "OPTIONS",
+            target,
+            headers={"Origin": HEALTHCHECK_ORIGIN, "Access-Control-Request-Method": "GET"},
+        )
+        response = conn.getresponse()
+        response.read(65536)
+    except (OSError, http.client.HTTPException) as e:
+        reason = str(e) or type(e).__name__
+        return False, f"unhealthy: {url}: no answer to the health preflight ({reason})"
+    finally:
+        conn.close()
+    if response.status in (200, 400):
+        return True, f"healthy: {url} answered the preflight with {response.status}"
+    return False, (
+        f"unhealthy: {url} answered the preflight with {response.status} {response.reason}; "
+        f"a corsproxy listener answers 200 or 400 (is something else on that port?)"
+    )
+
+
+def cmd_healthcheck(args: argparse.Namespace) -> int:
+    ok, message = healthcheck(_healthcheck_target(args))
+    print(message, file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "check": cmd_check,
+    "explain": cmd_explain,
+    "demo": cmd_demo,
+    "schema": cmd_schema,
+    "healthcheck": cmd_healthcheck,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``corsproxy`` command; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version (0) and bad arguments (2)
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        return COMMANDS[args.command](args)
+    except UsageError as e:
+        _err(str(e))
+        return 2
+    except ConfigError as e:
+        for line in e.errors:
+            _err(line)
+        for line in e.warnings:
+            _err(f"warning: {line}")
+        n = len(e.errors)
+        _err(f"{n} error{'s' if n != 1 else ''}; corsproxy did not use this config")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # e.g. `corsproxy schema | head`
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the final flush
+        except OSError:
+            pass
+        return 0
