@@ -109,7 +109,7 @@ class PageServer:
         app = web.Application()
         app.router.add_get("/", self._page)
         app.router.add_get("/cookie", self._page_with_cookie)
-        app.router.add_get("/favicon.ico", lambda r: web.Response(status=204))
+        app.router.add_get("/favicon.ico", self._no_icon)
         self.runner, self.port = await _start_site(app)
         return self
 
@@ -117,6 +117,9 @@ class PageServer:
         return web.Response(
             text=PAGE_HTML, content_type="text/html", headers={"Cache-Control": "no-store"}
         )
+
+    async def _no_icon(self, request: web.Request) -> web.Response:
+        return web.Response(status=204)
 
     async def _page_with_cookie(self, request: web.Request) -> web.Response:
         response = await self._page(request)
