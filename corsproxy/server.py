@@ -1,0 +1,578 @@
+"""The proxy: an aiohttp server that puts the CORS decision core in front of an upstream.
+
+Request flow (one handler, :func:`_handle`, for every method and path):
+
+1. A :class:`~corsproxy.core.RequestView` is built from the raw request (every
+   ``Origin`` and ``Access-Control-Request-Headers`` line, the raw path without
+   the query, ``Host``, scheme) and ``config.router.decide()`` is asked.
+2. When the decision has a status (preflight 200/400, ``enforce`` 403) the proxy
+   answers itself with the decision's headers and ``Vary``; nothing goes upstream.
+3. Otherwise the request is forwarded (``corsproxy.forwarding`` says what changes
+   on the way) with the body streamed, and the upstream's response is streamed
+   back with its ``Access-Control-*`` headers replaced by the decision's and the
+   decision's ``Vary`` names merged in.
+4. Responses the proxy makes when forwarding fails carry the decision's CORS
+   headers too, so a browser app sees the real status instead of a "CORS error":
+
+   - 502: the upstream refused or reset the connection, or sent no valid response;
+   - 504: no connection within ``upstream.connect_timeout``, or no response
+     headers within ``upstream.timeout`` after the request was sent;
+   - 413: the request body is over ``listen.max_body_size`` (from Content-Length
+     before anything is sent; while streaming for chunked bodies, and then the
+     upstream connection is dropped so it never sees a complete request);
+   - 400: a request the proxy can't forward (e.g. a header value that is not UTF-8).
+
+5. One log line per request (``corsproxy.logs``).
+
+One :class:`aiohttp.ClientSession` per app, opened and closed by ``cleanup_ctx``:
+a keep-alive pool, no cookie jar (one user's cookies must never reach another's
+request), no decompression (bodies pass byte for byte), no redirects followed,
+and none of aiohttp's default request headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from aiohttp import hdrs, web
+from multidict import CIMultiDict
+
+from .core import Decision, Kind, RequestView, Router
+from .forwarding import (
+    HeaderError,
+    UpstreamTarget,
+    decode_request_headers,
+    response_headers,
+    upstream_request_headers,
+)
+from .logs import ACCESS_LOGGER, LOG_FORMATS, SERVER_LOGGER, access_line, event_line, setup_logging
+
+if TYPE_CHECKING:
+    from .config import Config
+
+__all__ = ["build_app", "run_server", "serve"]
+
+log = logging.getLogger("corsproxy")
+
+#: Request headers aiohttp's client would add on its own; never sent unless the
+#: client sent them (Content-Type is added for streamed bodies).
+_SKIP_AUTO_HEADERS = (hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.USER_AGENT, hdrs.CONTENT_TYPE)
+#: Methods retried once on a fresh connection when a pooled keep-alive connection
+#: turns out to be closed by the upstream (the race every keep-alive pool has);
+#: only without a body, like nginx's proxy_next_upstream default.
+_RETRY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_MAX_UPSTREAM_HEADER = 65536
+_TEXT = "text/plain; charset=utf-8"
+# Marks a forwarded response: headers aiohttp adds on its own that the upstream
+# did not send are taken out again just before the headers go out.
+_STRIP_AUTO = "corsproxy.strip_auto"
+
+
+class _State:
+    """Per-app values, computed once from the config."""
+
+    __slots__ = (
+        "router",
+        "target",
+        "preserve_host",
+        "max_body_size",
+        "connect_timeout",
+        "timeout",
+        "log_format",
+        "session",
+    )
+
+    def __init__(self, config: Config, log_format: str) -> None:
+        if config.upstream.url is None:
+            raise ValueError(
+                f"{config.source}: upstream.url: not set; add it to the config "
+                f"or pass --upstream URL"
+            )
+        self.router: Router = config.router
+        self.target = UpstreamTarget(config.upstream.url)
+        self.preserve_host = config.upstream.preserve_host
+        self.max_body_size = config.listen.max_body_size
+        self.connect_timeout = config.upstream.connect_timeout
+        self.timeout = config.upstream.timeout
+        self.log_format = log_format
+        self.session: aiohttp.ClientSession | None = None
+
+
+STATE = web.AppKey("corsproxy_state", _State)
+
+
+def build_app(config: Config, *, log_format: str = "text") -> web.Application:
+    """The proxy as an aiohttp application (the upstream ClientSession lives in its
+    ``cleanup_ctx``). ``log_format`` is ``"text"`` or ``"json"``."""
+    if log_format not in LOG_FORMATS:
+        raise ValueError(f"log format {log_format!r}: use one of {', '.join(LOG_FORMATS)}")
+    app = web.Application(
+        handler_args={
+            # aiohttp's own log lines (parse errors) and no aiohttp access log:
+            # the handler writes one line per request itself.
+            "logger": SERVER_LOGGER,
+            "access_log": None,
+        }
+    )
+    app[STATE] = _State(config, log_format)
+    app.cleanup_ctx.append(_upstream_session)
+    app.on_response_prepare.append(_strip_auto_headers)
+    # One catch-all route; [\s\S] so a decoded %0A in the path still matches.
+    app.router.add_route(hdrs.METH_ANY, r"/{path:[\s\S]*}", _handle, expect_handler=_no_expect)
+    return app
+
+
+async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
+    state.session = aiohttp.ClientSession(
+        connector=connector,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=False,
+        skip_auto_headers=_SKIP_AUTO_HEADERS,
+        timeout=aiohttp.ClientTimeout(
+            total=None,
+            connect=state.connect_timeout,
+            sock_connect=state.connect_timeout,
+            # aiohttp starts this clock once the request is fully sent and restarts
+            # it on every read: "no response headers within upstream.timeout", and
+            # the same bound on a silent upstream while the body streams.
+            sock_read=state.timeout,
+        ),
+        trust_env=False,
+        max_line_size=_MAX_UPSTREAM_HEADER,
+        max_field_size=_MAX_UPSTREAM_HEADER,
+        max_headers=512,
+    )
+    try:
+        yield
+    finally:
+        await state.session.close()
+        state.session = None
+
+
+async def _strip_auto_headers(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    names = response.get(_STRIP_AUTO)
+    if names:
+        for name in names:
+            response.headers.popall(name, None)
+
+
+async def _no_expect(request: web.Request) -> None:
+    """``Expect: 100-continue`` is answered only once the body is really wanted
+    (see :func:`_forward`): a preflight, 403 or 413 needs no body."""
+    return None
+
+
+# ---------------------------------------------------------------------------
+# the handler
+# ---------------------------------------------------------------------------
+
+
+class _Log:
+    """What the access line says about one request."""
+
+    __slots__ = ("upstream_ms", "error", "streaming")
+
+    def __init__(self) -> None:
+        self.upstream_ms: float | None = None
+        self.error: str | None = None
+        # The forwarded response once its headers are out: too late for a status.
+        self.streaming: web.StreamResponse | None = None
+
+
+def _request_view(request: web.BaseRequest, path: str) -> RequestView:
+    headers = request.headers
+    acrm = headers.getall(hdrs.ACCESS_CONTROL_REQUEST_METHOD, None)
+    return RequestView(
+        method=request.method,
+        path=path,
+        origin=tuple(headers.getall(hdrs.ORIGIN, ())),
+        # Several ACRM lines are combined the HTTP way, which is not a valid method.
+        request_method=None if acrm is None else ", ".join(acrm),
+        request_headers=tuple(headers.getall(hdrs.ACCESS_CONTROL_REQUEST_HEADERS, ())),
+        request_private_network=headers.get("Access-Control-Request-Private-Network"),
+        host=headers.get(hdrs.HOST),
+        scheme=request.scheme,
+    )
+
+
+async def _handle(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    entry = _Log()
+    decision: Decision | None = None
+    response: web.StreamResponse | None = None
+    target = request.raw_path
+    if not target.startswith("/"):  # absolute-form request target (RFC 9112 §3.2.2)
+        target = request.rel_url.raw_path_qs
+    try:
+        decision = state.router.decide(_request_view(request, target.partition("?")[0]))
+        if decision.status is not None:
+            response = _own_response(decision, decision.status, decision.body)
+        else:
+            response = await _forward(request, state, decision, target, entry)
+    except Exception as exc:  # a bug in the proxy: still a clean answer with CORS headers
+        log.exception("internal error on %s %s", request.method, target)
+        entry.error = f"internal error: {type(exc).__name__}: {exc}"
+        if decision is None:
+            decision = Decision(Kind.NOT_CORS, False, None, (), ("Origin",), ("no decision",))
+        if entry.streaming is not None:
+            response = entry.streaming
+            _abort(request, response)
+        else:
+            response = _own_response(
+                decision, 502, "Bad Gateway: internal error in corsproxy; see its log\n"
+            )
+    _log_access(state, request, target, decision, response, entry, loop.time() - started)
+    return response
+
+
+def _own_response(decision: Decision, status: int, body: str) -> web.Response:
+    """A response the proxy makes itself, with the decision's CORS headers and Vary."""
+    headers = CIMultiDict(decision.headers)
+    if decision.vary:
+        headers["Vary"] = ", ".join(decision.vary)
+    return web.Response(
+        status=status, headers=headers, body=body.encode("utf-8"), content_type="text/plain",
+        charset="utf-8",
+    )
+
+
+def _error(decision: Decision, entry: _Log, status: int, cause: str) -> web.Response:
+    """A 4xx/5xx made by the proxy: the body names the cause in one line."""
+    entry.error = cause
+    reason = {400: "Bad Request", 413: "Content Too Large", 417: "Expectation Failed",
+              502: "Bad Gateway", 504: "Gateway Timeout"}[status]
+    return _own_response(decision, status, f"{reason}: {cause}\n")
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _RequestBody:
+    """The client's body as an async iterator for the upstream request, counted
+    against ``listen.max_body_size``; records which side failed."""
+
+    __slots__ = ("content", "limit", "size", "too_large", "client_error")
+
+    def __init__(self, content: aiohttp.StreamReader, limit: int | None) -> None:
+        self.content = content
+        self.limit = limit
+        self.size = 0
+        self.too_large = False
+        self.client_error: BaseException | None = None
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        content, limit = self.content, self.limit
+        while True:
+            try:
+                chunk = await content.readany()
+            except Exception as exc:  # the client went away or sent a broken body
+                self.client_error = exc
+                raise
+            if not chunk:
+                return
+            self.size += len(chunk)
+            if limit is not None and self.size > limit:
+                # Raising here makes aiohttp drop the upstream connection mid-body,
+                # so the upstream never sees a complete (truncated) request.
+                self.too_large = True
+                raise _BodyTooLarge
+            yield chunk
+
+
+async def _forward(
+    request: web.Request, state: _State, decision: Decision, target: str, entry: _Log
+) -> web.StreamResponse:
+    limit = state.max_body_size
+    length = request.content_length
+    if limit is not None and length is not None and length > limit:
+        return _error(
+            decision, entry, 413,
+            f"request body of {length} bytes (Content-Length) is over listen.max_body_size "
+            f"({limit} bytes)",
+        )
+    expect = request.headers.get(hdrs.EXPECT)
+    if expect is not None and expect.lower() != "100-continue":
+        return _error(decision, entry, 417, f"corsproxy only understands Expect: 100-continue, "
+                                            f"not {expect!r}")
+    try:
+        pairs = decode_request_headers(request.raw_headers)
+    except HeaderError as exc:
+        return _error(decision, entry, 400, str(exc))
+    headers = upstream_request_headers(
+        pairs,
+        client_addr=request.remote,
+        scheme=request.scheme,
+        upstream_host=state.target.host,
+        preserve_host=state.preserve_host,
+    )
+    try:
+        url = state.target.url_for(target)
+    except ValueError as exc:
+        return _error(decision, entry, 400, f"request target {target!r} can't be forwarded: {exc}")
+
+    body: _RequestBody | None = None
+    if request.body_exists:
+        if expect is not None and request.version >= (1, 1):
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # the response proper has not started
+        body = _RequestBody(request.content, limit)
+    session = state.session
+    assert session is not None
+    loop = asyncio.get_running_loop()
+    sent = loop.time()
+    attempts = 2 if body is None and request.method in _RETRY_METHODS else 1
+    for attempt in range(attempts):
+        try:
+            upstream = await session.request(
+                request.method,
+                url,
+                headers=headers,
+                data=body.chunks() if body is not None else None,
+                allow_redirects=False,
+                compress=None,
+            )
+            break
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            if attempt + 1 < attempts and _is_reset(exc):
+                continue
+            return _upstream_error(decision, entry, state, body, exc)
+        except (TimeoutError, aiohttp.ClientError, _BodyTooLarge) as exc:
+            return _upstream_error(decision, entry, state, body, exc)
+    entry.upstream_ms = round((loop.time() - sent) * 1000, 2)
+    try:
+        return await _stream_back(request, decision, upstream, entry)
+    finally:
+        upstream.release()
+
+
+def _is_reset(exc: BaseException) -> bool:
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return True
+    return getattr(exc, "errno", None) in (errno.ECONNRESET, errno.EPIPE)
+
+
+def _upstream_error(
+    decision: Decision, entry: _Log, state: _State, body: _RequestBody | None, exc: BaseException
+) -> web.Response:
+    """The proxy's answer when no upstream response came (502, 504, 413, 400)."""
+    where = state.target.origin
+    if body is not None and body.too_large:
+        return _error(
+            decision, entry, 413,
+            f"request body is over listen.max_body_size ({body.limit} bytes); "
+            f"the upstream connection was dropped",
+        )
+    if body is not None and body.client_error is not None:
+        return _error(
+            decision, entry, 400,
+            f"could not read the request body from the client: {_describe(body.client_error)}",
+        )
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return _error(
+            decision, entry, 504,
+            f"no connection to the upstream {where} within upstream.connect_timeout "
+            f"({state.connect_timeout:g} s)",
+        )
+    if isinstance(exc, TimeoutError):
+        return _error(
+            decision, entry, 504,
+            f"the upstream {where} sent no response headers within upstream.timeout "
+            f"({state.timeout:g} s)",
+        )
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return _error(
+            decision, entry, 502,
+            f"cannot connect to the upstream {where}: {_describe(exc.os_error)}",
+        )
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return _error(
+            decision, entry, 502, f"the upstream {where} closed the connection without a response"
+        )
+    if isinstance(exc, aiohttp.ClientOSError):
+        return _error(
+            decision, entry, 502,
+            f"the connection to the upstream {where} failed: {_describe(exc)}",
+        )
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return _error(
+            decision, entry, 502,
+            f"the upstream {where} sent an invalid HTTP response: {' '.join(exc.message.split())}",
+        )
+    return _error(decision, entry, 502, f"request to the upstream {where} failed: {_describe(exc)}")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower() if exc.errno else exc.strerror
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+async def _stream_back(
+    request: web.Request, decision: Decision, upstream: aiohttp.ClientResponse, entry: _Log
+) -> web.StreamResponse:
+    if upstream.status == 101:
+        upstream.close()
+        return _error(
+            decision, entry, 502,
+            "the upstream switched protocols (101); corsproxy does not proxy upgrades",
+        )
+    pairs = [(n.decode("latin-1"), v.decode("utf-8", "replace")) for n, v in upstream.raw_headers]
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    response.headers.extend(response_headers(pairs, decision.headers, decision.vary))
+    strip = [n for n in (hdrs.CONTENT_TYPE, hdrs.SERVER) if n not in upstream.headers]
+    if strip:
+        response[_STRIP_AUTO] = strip
+    try:
+        await response.prepare(request)
+        entry.streaming = response
+        content = upstream.content
+        while True:
+            try:
+                chunk = await content.readany()
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                # Too late for a status: cut the client connection so it sees an
+                # incomplete body instead of a clean (truncated) end.
+                entry.error = f"upstream failed while sending the body: {_describe(exc)}"
+                upstream.close()
+                _abort(request, response)
+                return response
+            if not chunk:
+                break
+            await response.write(chunk)
+        await response.write_eof()
+    except ConnectionError:
+        entry.error = "client disconnected before the response was complete"
+        upstream.close()
+    return response
+
+
+def _abort(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    response.force_close()
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+
+
+def _log_access(
+    state: _State,
+    request: web.BaseRequest,
+    target: str,
+    decision: Decision,
+    response: web.StreamResponse,
+    entry: _Log,
+    elapsed: float,
+) -> None:
+    if not ACCESS_LOGGER.isEnabledFor(logging.INFO):
+        return
+    fields: dict[str, Any] = {
+        "client": request.remote,
+        "method": request.method,
+        "path": target.partition("?")[0],
+        "status": response.status,
+        "origin": ", ".join(request.headers.getall(hdrs.ORIGIN, ())) or None,
+        "cors": decision.verdict,
+        "route": decision.route,
+        "upstream_ms": entry.upstream_ms,
+        "ms": round(elapsed * 1000, 2),
+        "error": entry.error,
+        "reason": "; ".join(decision.reasons),
+    }
+    ACCESS_LOGGER.info(access_line(state.log_format, fields))
+
+
+# ---------------------------------------------------------------------------
+# running it
+# ---------------------------------------------------------------------------
+
+
+async def serve(
+    config: Config,
+    *,
+    log_format: str = "text",
+    stop: asyncio.Event | None = None,
+    ready: Any = None,
+) -> int:
+    """Run the proxy until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None),
+    then shut down gracefully: stop accepting, give in-flight requests up to
+    ``listen.shutdown_grace`` seconds, close the upstream pool. Returns the exit code.
+
+    ``ready(host, port)`` is called once listening (port 0 picks a free port).
+    """
+    loop = asyncio.get_running_loop()
+    app = build_app(config, log_format=log_format)
+    grace = config.listen.shutdown_grace
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=grace, access_log=None)
+    await runner.setup()
+    host, port = config.listen.host, config.listen.port
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        _event(log_format, "error", f"cannot listen on {host}:{port}: {_describe(exc)}; "
+                                    f"pick another address with --host/--port or listen.port")
+        return 1
+    bound = runner.addresses[0][:2] if runner.addresses else (host, port)
+    _event(log_format, "listening", f"corsproxy listening on http://{_hostport(*bound)}, "
+                                    f"forwarding to {config.upstream.url}",
+           host=bound[0], port=bound[1], upstream=config.upstream.url)
+    if ready is not None:
+        ready(bound[0], bound[1])
+    own_signals = stop is None
+    if stop is None:
+        stop = asyncio.Event()
+    if own_signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        _event(log_format, "stopping", f"stopping: no new connections; in-flight requests get "
+                                       f"up to {grace:g} s (listen.shutdown_grace)")
+        await runner.cleanup()
+    finally:
+        if own_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+    _event(log_format, "stopped", "corsproxy stopped")
+    return 0
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _event(log_format: str, event: str, message: str, **fields: Any) -> None:
+    log.info(event_line(log_format, event, message, **fields), extra={"preformatted": True})
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's loop when it is installed, asyncio's otherwise."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def run_server(config: Config, *, log_format: str = "text") -> int:
+    """Run the proxy in the foreground until SIGTERM/SIGINT; returns the exit code."""
+    setup_logging(log_format)
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(serve(config, log_format=log_format))
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m corsproxy run` is the entry point
+    sys.exit("use: corsproxy run --config FILE")
