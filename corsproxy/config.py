@@ -189,9 +189,7 @@ def origin_problem(value: str) -> str | None:
             f"{shown} contains whitespace; an origin never does: "
             f"write {json.dumps(_fixed_origin(value))}"
         )
-    if "://" not in value:
-        return f"{shown} needs a scheme, e.g. {json.dumps(_fixed_origin(value))}"
-    scheme, rest = value.split("://", 1)
+    scheme, _, rest = value.rpartition("://")
     hostport = re.split(r"[/?#]", rest, maxsplit=1)[0]
     after = rest[len(hostport) :]
     wildcard = hostport.startswith("*.")
@@ -201,6 +199,8 @@ def origin_problem(value: str) -> str | None:
             f'after the scheme, e.g. "https://*.example.com" (for anything else use '
             f"allow_origin_regex)"
         )
+    if "://" not in value:
+        return f"{shown} needs a scheme, e.g. {json.dumps(_fixed_origin(value))}"
     fixed = _fixed_origin(value)
     if value != value.lower():
         return (
@@ -215,8 +215,9 @@ def origin_problem(value: str) -> str | None:
             f"write {json.dumps(fixed)}"
         )
     if after:
+        what = "a path" if after.startswith("/") else "a query or fragment"
         return (
-            f"{shown} has a path; an origin is only scheme://host[:port]: write {json.dumps(fixed)}"
+            f"{shown} has {what}; an origin is only scheme://host[:port]: write {json.dumps(fixed)}"
         )
     if "@" in hostport:
         return f"{shown} has a user name; an origin never does: write {json.dumps(fixed)}"
@@ -570,6 +571,7 @@ _EXAMPLES = {
     "path": "path: /api",
 }
 
+_STR_LISTS = ("allow_origins", "allow_methods", "allow_headers", "expose_headers")
 _RANGE_HINTS = {
     "port": "0 picks any free port",
     "max_body_size": "it is in bytes; write null for no limit",
@@ -668,10 +670,10 @@ def _english(err: Mapping[str, Any]) -> tuple[tuple[Any, ...], str]:
         allowed = ", ".join(model.model_fields) if model else "names"
         return loc[:-1], f"{_describe(value)} is not a valid key; allowed keys here: {allowed}"
     if kind == "missing":
-        return loc, f"is required{for_example}"
+        return loc, f"is missing; add it, for example: {example}"
     if kind in _EXPECTED:
         expected = _EXPECTED[kind]
-        if kind == "list_type" and name in _EXAMPLES:
+        if kind == "list_type" and name in _STR_LISTS:
             expected = "expected a list (or a single string)"
         if isinstance(loc[-1], int) and name == "routes":
             got = _describe(value)
@@ -682,7 +684,7 @@ def _english(err: Mapping[str, Any]) -> tuple[tuple[Any, ...], str]:
                 'in quotes: "null"'
             )
         if kind == "float_type" and name in _RANGE_HINTS:
-            expected = f"expected a number of seconds ({_RANGE_HINTS[name]})"
+            expected = f"expected a number ({_RANGE_HINTS[name]})"
         return loc, f"{expected}, got {_describe(value)}{for_example}"
     if kind in ("greater_than", "greater_than_equal", "less_than_equal", "less_than"):
         bound = next(iter(ctx.values()), "?")
@@ -706,32 +708,17 @@ def _english(err: Mapping[str, Any]) -> tuple[tuple[Any, ...], str]:
 # YAML
 # ---------------------------------------------------------------------------
 
+Loc = tuple[Any, ...]
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that records duplicate keys instead of keeping the last one."""
 
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self.duplicates: list[str] = []
+@dataclass
+class _Document:
+    """A parsed YAML file: the data, where each key and item is (for sorting the
+    messages in file order), and the duplicate keys found."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            try:
-                first = seen.get(key)
-            except TypeError:  # unhashable key; the constructor reports it
-                continue
-            line = key_node.start_mark.line + 1
-            if first is not None:
-                self.duplicates.append(
-                    f"line {line}, column {key_node.start_mark.column + 1}: duplicate key "
-                    f"{json.dumps(str(key))} (first written at line {first}); YAML would keep "
-                    f"only the last one: remove one of them or merge them"
-                )
-            else:
-                seen[key] = line
-        return super().construct_mapping(node, deep=deep)
+    data: Any
+    positions: dict[Loc, tuple[int, int]]
+    duplicates: list[tuple[Loc, str]]
 
 
 def _yaml_error(source: str, e: yaml.YAMLError) -> str:
@@ -753,18 +740,51 @@ def _yaml_error(source: str, e: yaml.YAMLError) -> str:
     return f"{source}: {where}: YAML syntax error: {problem}{extra}; {fix}"
 
 
-_SYNTAX_ERROR = object()
+def _walk(node: yaml.Node, loc: Loc, doc: _Document) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue
+            here = (*loc, key_node.value)
+            line = key_node.start_mark.line + 1
+            if key_node.value in seen:
+                doc.duplicates.append(
+                    (
+                        here,
+                        f"written twice (lines {seen[key_node.value]} and {line}); YAML keeps "
+                        f"only the last one, so remove one or merge them",
+                    )
+                )
+            else:
+                seen[key_node.value] = line
+                doc.positions[here] = (key_node.start_mark.line, key_node.start_mark.column)
+            _walk(value_node, here, doc)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            doc.positions[(*loc, i)] = (item.start_mark.line, item.start_mark.column)
+            _walk(item, (*loc, i), doc)
 
 
-def _read_yaml(text: str, source: str) -> tuple[Any, list[str]]:
-    loader = _Loader(text)
+def _read_yaml(text: str, source: str) -> _Document:
+    """Parse ``text``; a syntax error raises :class:`ConfigError` at once (nothing
+    else can be checked then)."""
+    loader = yaml.SafeLoader(text)
     try:
-        data = loader.get_single_data()
+        node = loader.get_single_node()
+        doc = _Document(None, {}, [])
+        if node is not None:
+            _walk(node, (), doc)
+            doc.data = loader.construct_document(node)
     except yaml.YAMLError as e:
-        return _SYNTAX_ERROR, [_yaml_error(source, e)]
+        raise ConfigError([_yaml_error(source, e)]) from None
+    except RecursionError:
+        raise ConfigError(
+            [f"{source}: YAML: the document is nested too deeply; flatten it"]
+        ) from None
     finally:
         loader.dispose()
-    return data, [f"{source}: {d}" for d in loader.duplicates]
+    return doc
 
 
 # ---------------------------------------------------------------------------
@@ -773,8 +793,6 @@ def _read_yaml(text: str, source: str) -> tuple[Any, list[str]]:
 
 _CORS_FIELDS = tuple(CorsModel.model_fields)
 _CORS_DEFAULTS = {name: getattr(CorsModel(), name) for name in _CORS_FIELDS}
-
-
 _BAD = object()  # stands for an invalid list item, so indexes stay those of the file
 
 
@@ -807,113 +825,116 @@ def _valid_fields(section: Any) -> dict[str, Any]:
 
 
 def _star_with_credentials(
-    where: str, written: dict[str, Any], merged: dict[str, Any], parent: str | None
-) -> str | None:
-    """The error for ``"*"`` in allow_origins with allow_credentials true, reported on
-    the key this section wrote (None when the section wrote neither: the parent's
-    error covers it)."""
-    origins = merged.get("allow_origins", [])
-    if "*" not in origins or merged.get("allow_credentials") is not True:
+    where: Loc, written: dict[str, Any], merged: dict[str, Any]
+) -> tuple[Loc, str] | None:
+    """The error for ``"*"`` in allow_origins with allow_credentials true, on the key
+    this section wrote (None when a route wrote neither: the top-level error covers
+    it)."""
+    if "*" not in merged["allow_origins"] or merged["allow_credentials"] is not True:
         return None
     why = (
         "because that would let every website read responses with the user's cookies; "
-        + _PATTERN_FIX
-        + ", or set allow_credentials: false"
+        f"{_PATTERN_FIX}, or set allow_credentials: false"
     )
     if "allow_origins" in written:
         index = written["allow_origins"].index("*")
-        from_ = (
-            f"{where}.allow_credentials"
-            if "allow_credentials" in written
-            else (f"{parent}.allow_credentials")
-        )
+        source = where if "allow_credentials" in written else ("cors",)
         return (
-            f'{where}.allow_origins[{index}]: "*" cannot be combined with allow_credentials: '
-            f"true (set in {from_}), {why}"
+            (*where, "allow_origins", index),
+            f'"*" cannot be combined with allow_credentials: true (set in '
+            f"{_path((*source, 'allow_credentials'))}), {why}",
         )
     if "allow_credentials" in written:
         return (
-            f'{where}.allow_credentials: true cannot be combined with "*" in allow_origins '
-            f"(inherited from {parent}.allow_origins), {why}"
+            (*where, "allow_credentials"),
+            f'true cannot be combined with "*" in allow_origins (inherited from '
+            f"cors.allow_origins), {why}",
         )
     return None
 
 
+_STAR_WITH_CREDENTIALS = {
+    "expose_headers": "is a literal header name in Access-Control-Expose-Headers when "
+    "credentials are allowed, so it exposes nothing; list the header names to expose",
+    "allow_headers": "is literal for browsers on credentialed requests, so corsproxy echoes "
+    "the requested header names instead: this works, but allows every header; list the "
+    "names if you can",
+    "allow_methods": "is literal for browsers on credentialed requests, so corsproxy echoes "
+    "the requested method instead: this works, but allows every method; list the methods "
+    "if you can",
+}
+_FETCH_UPPERCASED = ("DELETE", "GET", "HEAD", "OPTIONS", "POST", "PUT")
+
+
 def _policy_warnings(
-    where: str, written: dict[str, Any], merged: dict[str, Any], top: bool
-) -> list[str]:
+    where: Loc, written: dict[str, Any], merged: dict[str, Any]
+) -> list[tuple[Loc, str]]:
     """Warnings for one cors section, on the keys it wrote (a route repeats nothing
-    it inherited unchanged)."""
-    out: list[str] = []
+    it inherited unchanged from the top level)."""
+    top = where == ("cors",)
+    out: list[tuple[Loc, str]] = []
     for i, origin in enumerate(written.get("allow_origins", [])):
         if origin == "null":
             out.append(
-                f'{where}.allow_origins[{i}]: "null" trusts every sandboxed iframe, data: and '
-                f"file: page on the web (they all send Origin: null); remove it unless you "
-                f"really mean that"
+                (
+                    (*where, "allow_origins", i),
+                    '"null" trusts every sandboxed iframe, data: and file: page on the web '
+                    "(they all send Origin: null); remove it unless you really mean that",
+                )
             )
     if written.get("max_age", 0) > 7200:
         out.append(
-            f"{where}.max_age: {written['max_age']} is above 7200; Chromium caps the preflight "
-            f"cache at 7200 seconds (Firefox at 86400)"
+            (
+                (*where, "max_age"),
+                f"{written['max_age']} is above 7200; Chromium caps the preflight cache at "
+                f"7200 seconds (Firefox at 86400)",
+            )
         )
     regex = written.get("allow_origin_regex")
     if regex:
-        if compile_origin_regex(regex).engine == "re":
+        compiled = compile_origin_regex(regex)
+        if compiled.engine == "re":
             out.append(
-                f"{where}.allow_origin_regex: the pattern is not RE2 syntax, so it runs on Python "
-                f"re (backtracking; Origin length is capped, but a pattern like (a+)+ can still "
-                f"be slow); rewrite it without look-arounds or back-references"
+                (
+                    (*where, "allow_origin_regex"),
+                    "the pattern is not RE2 syntax, so it runs on Python re (backtracking; "
+                    "the Origin length is capped, but a pattern like (a+)+ can still be slow); "
+                    "rewrite it without look-arounds or back-references",
+                )
             )
-        elif compile_origin_regex(regex).fullmatch("https://corsproxy-check.invalid"):
+        elif compiled.fullmatch("https://corsproxy-check.invalid"):
             out.append(
-                f"{where}.allow_origin_regex: the pattern matches any https origin (it matched "
-                f'"https://corsproxy-check.invalid"); anchor it to your domain, e.g. '
-                r'"https://[a-z0-9-]+\.example\.com"'
+                (
+                    (*where, "allow_origin_regex"),
+                    'the pattern matches any https origin (it matched "https://corsproxy-check'
+                    '.invalid"); anchor it to your domain, e.g. '
+                    r'"https://[a-z0-9-]+\.example\.com"',
+                )
             )
-    if merged["allow_credentials"]:
+    if merged["allow_credentials"] is True:
         touched = top or "allow_credentials" in written
-        for key, what in (
-            (
-                "expose_headers",
-                "is a literal header name in Access-Control-Expose-Headers when "
-                "credentials are allowed, so no header is exposed by it; list the "
-                "header names to expose",
-            ),
-            (
-                "allow_headers",
-                "is literal for browsers on credentialed requests, so corsproxy "
-                "echoes the requested header names instead: this works, but allows "
-                "every header; list the names if you can",
-            ),
-            (
-                "allow_methods",
-                "is literal for browsers on credentialed requests, so corsproxy "
-                "echoes the requested method instead: this works, but allows every "
-                "method; list the methods if you can",
-            ),
-        ):
+        for key, what in _STAR_WITH_CREDENTIALS.items():
             if "*" in merged[key] and (touched or key in written):
-                out.append(f'{where}.{key}: "*" with allow_credentials: true {what}')
+                out.append(((*where, key), f'"*" with allow_credentials: true {what}'))
     for i, method in enumerate(written.get("allow_methods", [])):
-        if not isinstance(method, str):
-            continue
-        upper = method.upper()
-        if method != upper and upper in ("DELETE", "GET", "HEAD", "OPTIONS", "POST", "PUT"):
+        upper = method.upper() if isinstance(method, str) else None
+        if method != upper and upper in _FETCH_UPPERCASED:
             out.append(
-                f"{where}.allow_methods[{i}]: {json.dumps(method)} never matches: fetch() sends "
-                f"{upper} in upper case and methods compare case-sensitively; write {upper}"
+                (
+                    (*where, "allow_methods", i),
+                    f"{json.dumps(method)} never matches: fetch() sends {upper} in upper case "
+                    f"and methods compare case-sensitively; write {upper}",
+                )
             )
-    origin_keys = ("allow_origins", "allow_origin_regex")
-    if (
-        (top or any(k in written for k in origin_keys))
-        and not merged["allow_origins"]
-        and not (merged["allow_origin_regex"])
-    ):
+    wrote_origins = "allow_origins" in written or "allow_origin_regex" in written
+    if (top or wrote_origins) and not merged["allow_origins"] and not merged["allow_origin_regex"]:
         out.append(
-            f"{where}.allow_origins: empty and no allow_origin_regex, so no origin is allowed "
-            f"(as with Starlette's defaults); add the origins of your web app, e.g. "
-            f"allow_origins: [https://app.example.com]"
+            (
+                (*where, "allow_origins"),
+                "empty and no allow_origin_regex, so no origin is allowed (as with Starlette's "
+                "defaults); add the origins of your web app, e.g. "
+                "allow_origins: [https://app.example.com]",
+            )
         )
     return out
 
@@ -932,9 +953,50 @@ def _settings(values: dict[str, Any]) -> CorsSettings:
     )
 
 
+def _route_problems(
+    raw: dict[str, Any], top_merged: dict[str, Any]
+) -> tuple[list[dict[str, Any]], list[tuple[Loc, str]], list[tuple[Loc, str]]]:
+    """Merge every route over the top-level cors; (merged values, errors, warnings)."""
+    raw_routes = raw.get("routes")
+    merged_routes: list[dict[str, Any]] = []
+    errors: list[tuple[Loc, str]] = []
+    warnings: list[tuple[Loc, str]] = []
+    seen_paths: dict[str, int] = {}
+    for i, route in enumerate(raw_routes if isinstance(raw_routes, list) else []):
+        route = route if isinstance(route, dict) else {}
+        where = ("routes", i, "cors")
+        written = _valid_fields(route.get("cors"))
+        merged = {**top_merged, **written}
+        merged_routes.append(merged)
+        problem = _star_with_credentials(where, written, merged)
+        if problem:
+            errors.append(problem)
+        warnings += _policy_warnings(where, written, merged)
+        path = route.get("path")
+        if isinstance(path, str) and path.startswith("/"):
+            key = path.rstrip("/")
+            if key in seen_paths:
+                errors.append(
+                    (
+                        ("routes", i, "path"),
+                        f"{json.dumps(path)} is the same route as routes[{seen_paths[key]}] "
+                        f"(a trailing slash is ignored); merge the two routes",
+                    )
+                )
+            else:
+                seen_paths[key] = i
+    return merged_routes, errors, warnings
+
+
 # ---------------------------------------------------------------------------
 # Entry points
 # ---------------------------------------------------------------------------
+
+_OVERRIDES = (
+    ("upstream", "url", "upstream", "--upstream"),
+    ("listen", "host", "host", "--host"),
+    ("listen", "port", "port", "--port"),
+)
 
 
 def parse_config(
@@ -952,100 +1014,80 @@ def parse_config(
     ``upstream.url``/``listen.host``/``listen.port`` (the ``run`` flags; their errors
     are reported as e.g. ``upstream.url (from --upstream)``). ``require_upstream``
     makes a missing upstream URL an error. Raises :class:`ConfigError` with every
-    problem found.
+    problem found, in file order.
     """
-    raw, errors = _read_yaml(text, source)
-    if raw is _SYNTAX_ERROR:
-        raise ConfigError(errors)
-    if raw is None:
-        raw = {}
+    doc = _read_yaml(text, source)
+    raw = {} if doc.data is None else doc.data
     if not isinstance(raw, dict):
         raise ConfigError(
-            errors
-            + [
+            [
                 f"{source}: top level: expected a mapping of sections (listen, upstream, cors, "
                 f"routes), got {_describe(raw)}; see config/development.yaml for an example"
             ]
         )
+    errors: list[tuple[Loc, str]] = list(doc.duplicates)
+    warnings: list[tuple[Loc, str]] = []
 
-    overridden: dict[tuple[str, str], str] = {}
-    for section, key, value, flag in (
-        ("upstream", "url", upstream, "--upstream"),
-        ("listen", "host", host, "--host"),
-        ("listen", "port", port, "--port"),
-    ):
-        if value is None:
-            continue
+    flags: dict[Loc, str] = {}
+    values = {"upstream": upstream, "host": host, "port": port}
+    for section, key, name, flag in _OVERRIDES:
         part = raw.get(section)
-        if part is None:
-            part = raw[section] = {}
-        if isinstance(part, dict):
-            raw[section] = {**part, key: value}
-            overridden[(section, key)] = flag
+        if values[name] is not None and isinstance(part, dict | None):
+            raw[section] = {**(part or {}), key: values[name]}
+            flags[(section, key)] = flag
 
     model: ConfigModel | None = None
     try:
         model = ConfigModel.model_validate(raw)
     except ValidationError as e:
-        for err in e.errors(include_url=False):
-            loc, message = _english(err)
-            path = _path(loc) or "top level"
-            flag = overridden.get(tuple(loc[:2])) if len(loc) == 2 else None
-            if flag:
-                path += f" (from {flag})"
-            errors.append(f"{source}: {path}: {message}")
+        errors += [_english(err) for err in e.errors(include_url=False)]
 
     # Merged checks, on every value that is valid by itself.
-    warnings: list[str] = []
     top_written = _valid_fields(raw.get("cors"))
     top_merged = {**_CORS_DEFAULTS, **top_written}
-    problem = _star_with_credentials("cors", top_written, top_merged, None)
+    problem = _star_with_credentials(("cors",), top_written, top_merged)
     if problem:
-        errors.append(f"{source}: {problem}")
-    warnings += _policy_warnings("cors", top_written, top_merged, top=True)
+        errors.append(problem)
+    warnings += _policy_warnings(("cors",), top_written, top_merged)
+    merged_routes, route_errors, route_warnings = _route_problems(raw, top_merged)
+    errors += route_errors
+    warnings += route_warnings
 
-    raw_routes = raw.get("routes")
-    merged_routes: list[dict[str, Any]] = []
-    seen_paths: dict[str, int] = {}
-    if isinstance(raw_routes, list):
-        for i, route in enumerate(raw_routes):
-            route = route if isinstance(route, dict) else {}
-            where = f"routes[{i}].cors"
-            written = _valid_fields(route.get("cors"))
-            merged = {**top_merged, **written}
-            merged_routes.append(merged)
-            problem = _star_with_credentials(where, written, merged, "cors")
-            if problem:
-                errors.append(f"{source}: {problem}")
-            warnings += _policy_warnings(where, written, merged, top=False)
-            path = route.get("path")
-            if isinstance(path, str) and path.startswith("/"):
-                key = path.rstrip("/")
-                if key in seen_paths:
-                    first = seen_paths[key]
-                    errors.append(
-                        f"{source}: routes[{i}].path: {json.dumps(path)} is the same route as "
-                        f"routes[{first}] (a trailing slash is ignored); merge the two routes"
-                    )
-                else:
-                    seen_paths[key] = i
-
-    url = model.upstream.url if model else None
-    if model is not None and url is None:
+    if model is not None and model.upstream.url is None:
         if require_upstream:
             errors.append(
-                f"{source}: upstream.url: not set; add upstream: {{url: http://127.0.0.1:8000}} "
-                f"to the file or pass --upstream URL"
+                (
+                    ("upstream", "url"),
+                    "not set; add upstream: {url: http://127.0.0.1:8000} to the file or pass "
+                    "--upstream URL",
+                )
             )
         else:
             warnings.append(
-                f"{source}: upstream.url: not set; only `corsproxy run --upstream URL` can start "
-                f"this config"
+                (
+                    ("upstream", "url"),
+                    "not set; only `corsproxy run --upstream URL` can start this config",
+                )
             )
-    warnings = [w if w.startswith(f"{source}: ") else f"{source}: {w}" for w in warnings]
+
+    def lines(problems: list[tuple[Loc, str]]) -> list[str]:
+        def position(item: tuple[Loc, str]) -> tuple[int, int]:
+            loc = item[0]
+            for n in range(len(loc), 0, -1):
+                if loc[:n] in doc.positions:
+                    return doc.positions[loc[:n]]
+            return (-1, -1)
+
+        out = []
+        for loc, message in sorted(problems, key=position):
+            path = _path(loc) or "top level"
+            if loc in flags:
+                path += f" (from {flags[loc]})"
+            out.append(f"{source}: {path}: {message}")
+        return out
 
     if errors or model is None:
-        raise ConfigError(errors, warnings)
+        raise ConfigError(lines(errors), lines(warnings))
 
     cors = _settings(top_merged)
     routes = tuple(
@@ -1063,7 +1105,7 @@ def parse_config(
         cors=cors,
         routes=routes,
         router=router,
-        warnings=tuple(warnings),
+        warnings=tuple(lines(warnings)),
     )
 
 
