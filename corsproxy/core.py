@@ -338,7 +338,9 @@ class CorsPolicy:
             return 'allow_origins "*"'
         if origin in self._exact:
             return "allow_origins"
-        if len(origin) > MAX_ORIGIN_LENGTH:
+        if len(origin) > MAX_ORIGIN_LENGTH or origin == "null":
+            # "null" (every sandboxed/opaque origin) only matches when listed
+            # explicitly (issue 2), never through a loose allow_origin_regex.
             return None
         for entry, prefix, suffix in self._patterns:
             if (
