@@ -1136,8 +1136,13 @@ def load_config(
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
         raise ConfigError(
-            [f"{source}: byte {e.start}: the file is not UTF-8 text; save it as UTF-8"]
+            [
+                f"{source}: line {line}, column {column}: the file is not UTF-8 text (byte "
+                f"0x{data[e.start]:02x}); save it as UTF-8"
+            ]
         ) from None
     return parse_config(
         text,
