@@ -70,7 +70,7 @@ def event_line(log_format: str, event: str, message: str, **fields: Any) -> str:
         return json.dumps(
             {"time": _now(), "event": event, "message": message, **fields}, ensure_ascii=False
         )
-    return f"{_now()} {event}: {message}"
+    return f"{_now()} {message}"
 
 
 class _OneLineFormatter(logging.Formatter):

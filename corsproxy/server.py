@@ -377,7 +377,7 @@ def _upstream_error(
     if body is not None and body.client_error is not None:
         return _error(
             decision, entry, 400,
-            f"could not read the request body from the client: {_describe(body.client_error)}",
+            f"could not read the request body from the client: {describe_error(body.client_error)}",
         )
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return _error(
@@ -394,7 +394,7 @@ def _upstream_error(
     if isinstance(exc, aiohttp.ClientConnectorError):
         return _error(
             decision, entry, 502,
-            f"cannot connect to the upstream {where}: {_describe(exc.os_error)}",
+            f"cannot connect to the upstream {where}: {describe_error(exc.os_error)}",
         )
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return _error(
@@ -403,17 +403,19 @@ def _upstream_error(
     if isinstance(exc, aiohttp.ClientOSError):
         return _error(
             decision, entry, 502,
-            f"the connection to the upstream {where} failed: {_describe(exc)}",
+            f"the connection to the upstream {where} failed: {describe_error(exc)}",
         )
     if isinstance(exc, aiohttp.ClientResponseError):
         return _error(
             decision, entry, 502,
             f"the upstream {where} sent an invalid HTTP response: {' '.join(exc.message.split())}",
         )
-    return _error(decision, entry, 502, f"request to the upstream {where} failed: {_describe(exc)}")
+    return _error(
+        decision, entry, 502, f"request to the upstream {where} failed: {describe_error(exc)}"
+    )
 
 
-def _describe(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower() if exc.errno else exc.strerror
     text = " ".join(str(exc).split())
@@ -445,7 +447,7 @@ async def _stream_back(
             except (TimeoutError, aiohttp.ClientError) as exc:
                 # Too late for a status: cut the client connection so it sees an
                 # incomplete body instead of a clean (truncated) end.
-                entry.error = f"upstream failed while sending the body: {_describe(exc)}"
+                entry.error = f"upstream failed while sending the body: {describe_error(exc)}"
                 upstream.close()
                 _abort(request, response)
                 return response
@@ -522,7 +524,7 @@ async def serve(
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        _event(log_format, "error", f"cannot listen on {host}:{port}: {_describe(exc)}; "
+        _event(log_format, "error", f"cannot listen on {host}:{port}: {describe_error(exc)}; "
                                     f"pick another address with --host/--port or listen.port")
         return 1
     bound = runner.addresses[0][:2] if runner.addresses else (host, port)
