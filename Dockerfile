@@ -37,10 +37,10 @@ USER 10001:10001
 EXPOSE 8080
 STOPSIGNAL SIGTERM
 
-# A preflight to the listener: exits 0 when the proxy answers it (200 or 400), without
-# touching the upstream. Change the URL if the config's listen.port is not 8080.
-HEALTHCHECK --interval=15s --timeout=3s --start-period=5s --retries=3 \
-    CMD ["corsproxy", "healthcheck", "--url", "http://127.0.0.1:8080/"]
+# A preflight to the listener (the port from CORSPROXY_CONFIG's listen section): exit 0
+# when the proxy answers it (200 or 400). The upstream is never touched.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=5s --retries=3 \
+    CMD ["corsproxy", "healthcheck"]
 
 ENTRYPOINT ["corsproxy"]
 CMD ["run", "--host", "0.0.0.0"]

