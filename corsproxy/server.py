@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -179,11 +180,12 @@ async def _no_expect(request: web.Request) -> None:
 class _Log:
     """What the access line says about one request."""
 
-    __slots__ = ("upstream_ms", "error", "streaming")
+    __slots__ = ("upstream_ms", "error", "streaming", "continued")
 
     def __init__(self) -> None:
         self.upstream_ms: float | None = None
         self.error: str | None = None
+        self.continued = False  # "100 Continue" was sent
         # The forwarded response once its headers are out: too late for a status.
         self.streaming: web.StreamResponse | None = None
 
@@ -232,6 +234,10 @@ async def _handle(request: web.Request) -> web.StreamResponse:
             response = _own_response(
                 decision, 502, "Bad Gateway: internal error in corsproxy; see its log\n"
             )
+    if not entry.continued and request.body_exists and hdrs.EXPECT in request.headers:
+        # The client waits for "100 Continue" before sending the body and will now
+        # not send it: close instead of lingering for a body that never comes.
+        response.force_close()
     _log_access(state, request, target, decision, response, entry, loop.time() - started)
     return response
 
@@ -327,6 +333,7 @@ async def _forward(
         if expect is not None and request.version >= (1, 1):
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             request.writer.output_size = 0  # the response proper has not started
+            entry.continued = True
         body = _RequestBody(request.content, limit)
     session = state.session
     assert session is not None
@@ -416,8 +423,9 @@ def _upstream_error(
 
 
 def describe_error(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower() if exc.errno else exc.strerror
+    """An exception in a few words for a response body or a log line."""
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno).lower()  # "connection refused", not asyncio's text
     text = " ".join(str(exc).split())
     return text or type(exc).__name__
 

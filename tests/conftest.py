@@ -331,7 +331,8 @@ async def make_proxy(upstream):
         log_format: str = "text",
         **kwargs: Any,
     ) -> Proxy:
-        text = config_text(upstream_url or upstream.url, cors, routes, listen, kwargs.get("upstream"))
+        url = upstream_url or upstream.url
+        text = config_text(url, cors, routes, listen, kwargs.get("upstream"))
         proxy = await start_proxy(text, log_format)
         started.append(proxy)
         return proxy
@@ -443,3 +444,26 @@ def status_of(raw: bytes) -> int | None:
         return int(raw.split(b" ", 2)[1])
     except (IndexError, ValueError):
         return None
+
+
+async def read_one_response(reader: asyncio.StreamReader) -> bytes:
+    """One response with a Content-Length body (or none) from ``reader``."""
+    async with asyncio.timeout(IO_TIMEOUT):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        return head + (await reader.readexactly(length) if length else b"")
+
+
+async def raw_response(port: int, data: bytes) -> bytes:
+    """Send ``data`` and read exactly one Content-Length framed response."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await read_one_response(reader)
+    finally:
+        writer.close()
