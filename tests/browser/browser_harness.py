@@ -156,6 +156,7 @@ class RecordingUpstream:
     Behaviour by path:
 
     - ``/status/<code>``: that status, body ``upstream status <code>``.
+    - ``/slow``: answers after 5 s (longer than the suite's proxy ``upstream.timeout``).
     - ``/expose``: sends ``X-Total: 7`` and ``X-Secret: hidden``.
     - ``/dup-acao``: two ``Access-Control-Allow-Origin: *`` lines (a broken upstream).
     - ``/naive-cacheable``: ``Cache-Control: public, max-age=600``; echoes the Origin
@@ -206,6 +207,9 @@ class RecordingUpstream:
         if path.startswith("/status/"):
             code = int(path.split("/")[2])
             return web.Response(status=code, text=f"upstream status {code}")
+        if path == "/slow":
+            await asyncio.sleep(5)
+            return web.Response(text="too late")
         if path == "/expose":
             return web.Response(text="exposed", headers={"X-Total": "7", "X-Secret": "hidden"})
         if path == "/dup-acao":
@@ -322,6 +326,20 @@ class ProxyProcess:
                     with contextlib.suppress(ValueError):
                         records.append(json.loads(line))
         return records
+
+    def access_records(self, path: str, count: int, timeout: float = 5.0) -> list[dict]:
+        """The proxy's JSON access-log records for ``path``.
+
+        A line is written when the proxy has finished a request, which can be just
+        after the browser got the response; so this waits (bounded) until at least
+        ``count`` records are there, then returns what there is.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            records = [r for r in self.log_records() if "method" in r and r.get("path") == path]
+            if len(records) >= count or time.monotonic() > deadline:
+                return records
+            time.sleep(0.02)
 
     def exchanges(self, path: str | None = None) -> list[Exchange]:
         """Exchanges seen by the tap, optionally only those for one path."""

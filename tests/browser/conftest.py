@@ -69,19 +69,27 @@ def tab(world):
 
 @pytest.fixture
 def start_proxy(world, tmp_path):
-    """``start_proxy(cors={...}, routes=[...], upstream_url=None)`` -> ProxyProcess.
+    """``start_proxy(cors={...}, routes=[...], upstream_url=None, upstream_timeout=10.0)``.
+
+    Returns a started :class:`ProxyProcess`.
 
     Writes a config file (listen/upstream/cors/routes) and starts the CLI on it.
     ``upstream_url`` defaults to the recording upstream.
     """
     started: list[ProxyProcess] = []
 
-    def start(cors: dict, routes: list | None = None, upstream_url: str | None = None, **extra):
+    def start(
+        cors: dict,
+        routes: list | None = None,
+        upstream_url: str | None = None,
+        upstream_timeout: float = 10.0,
+        **extra,
+    ):
         config = {
             "upstream": {
                 "url": upstream_url or world.upstream.url,
-                "connect_timeout": 2,
-                "timeout": 10,
+                "connect_timeout": 2.0,
+                "timeout": upstream_timeout,
             },
             "cors": cors,
         }

@@ -158,8 +158,14 @@ def test_a_refused_preflight_stops_the_put_before_it_is_sent(world, upstream, ta
     assert upstream.requests("/things/2") == []
 
 
-@pytest.mark.parametrize(("max_age", "preflights"), [(600, 1), (0, 2)])
-def test_preflight_cache_follows_max_age(world, upstream, tab, start_proxy, max_age, preflights):
+@pytest.mark.parametrize(
+    ("max_age", "sequence"),
+    [
+        (600, ["OPTIONS", "PUT", "PUT"]),  # the second PUT reuses the cached preflight
+        (0, ["OPTIONS", "PUT", "OPTIONS", "PUT"]),  # max_age 0: no preflight cache
+    ],
+)
+def test_preflight_cache_follows_max_age(world, upstream, tab, start_proxy, max_age, sequence):
     origin = world.page_origin()
     proxy = start_proxy(
         cors={
@@ -175,11 +181,14 @@ def test_preflight_cache_follows_max_age(world, upstream, tab, start_proxy, max_
         got = tab.fetch(proxy.url + "/cached", method="PUT", headers={"X-Custom": str(n)})
         assert got.ok and got.status == 200, got
 
-    seen = proxy.preflights("/cached")
-    assert len(seen) == preflights, [e.request.start for e in proxy.exchanges()]
-    for pre in seen:
+    assert [e.request.method for e in proxy.exchanges("/cached")] == sequence
+    for pre in proxy.preflights("/cached"):
         assert pre.response.cors_header_dict()["Access-Control-Max-Age"] == str(max_age)
     assert [s.method for s in upstream.requests("/cached")] == ["PUT", "PUT"]
+    # The proxy's own JSON access log agrees: one OPTIONS line per preflight, all allowed.
+    records = proxy.access_records("/cached", len(sequence))
+    assert [r["method"] for r in records] == sequence, records
+    assert {(r["status"], r["cors"]) for r in records} == {(200, "allowed")}
 
 
 @pytest.mark.parametrize(
@@ -237,6 +246,20 @@ def test_a_proxy_made_502_for_a_down_upstream_is_readable_as_502(world, tab, sta
         "Access-Control-Allow-Credentials": "true",
     }
     assert "Origin" in ex.response.vary()
+
+
+def test_a_proxy_made_504_for_a_slow_upstream_is_readable_as_504(world, upstream, tab, start_proxy):
+    origin = world.page_origin()
+    proxy = start_proxy(cors={"allow_origins": [origin]}, upstream_timeout=1.0)
+    tab.open(origin)
+
+    got = tab.fetch(proxy.url + "/slow")
+
+    assert got.ok, got
+    assert got.status == 504
+    ex = only(proxy.exchanges("/slow"))
+    assert ex.response.cors_header_dict() == {"Access-Control-Allow-Origin": origin}
+    assert only(upstream.requests("/slow")).get("Origin") == origin
 
 
 def test_two_acao_lines_from_the_upstream_are_replaced_so_fetch_succeeds(
