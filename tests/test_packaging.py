@@ -545,6 +545,53 @@ def test_image_starts_is_healthy_proxies_and_stops_on_sigterm(image: Image, spaw
     assert "Traceback" not in proxy.output()
 
 
+def test_image_demo_runs_from_the_installed_package(image: Image, spawn, tmp_path):
+    """`docker run IMAGE demo`: the demo's policy is package data, not a repo file."""
+    from corsproxy.core import RequestView
+    from corsproxy.demo import demo_config
+
+    port, api_port = free_port(), free_port()
+    demo = spawn(
+        image.exe(
+            [*image.entrypoint, "demo", "--port", str(port), "--upstream-port", str(api_port)]
+        ),
+        port=port,
+        env=image.run_env(),
+        cwd=tmp_path,
+        name="demo",
+    )
+    origin = "https://app.example.com"
+    request = {
+        "Origin": origin,
+        "Access-Control-Request-Method": "PUT",
+        "Access-Control-Request-Headers": "content-type",
+    }
+    pre = send(port, "OPTIONS", "/api/items", request)
+    # The expected headers: what the packaged demo policy decides (core.Router).
+    router = demo_config("127.0.0.1", port, f"http://127.0.0.1:{api_port}").router
+    decision = router.decide(
+        RequestView(
+            "OPTIONS",
+            "/api/items",
+            origin=(origin,),
+            request_method="PUT",
+            request_headers=("content-type",),
+        )
+    )
+    assert decision.status == 200
+    assert pre.status == 200
+    assert pre.cors() == dict(decision.headers)
+    assert pre.cors()["Access-Control-Allow-Origin"] == origin
+
+    got = send(port, "GET", "/api/items", {"Origin": origin})
+    assert got.status == 200
+    assert got.cors() == {
+        "Access-Control-Allow-Origin": origin,
+        "Access-Control-Expose-Headers": "X-Request-Id",
+    }
+    assert stop(demo) == 0, demo.output()
+
+
 def test_image_healthcheck_fails_when_nothing_listens(image: Image, tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(f"listen: {{port: {free_port()}}}\nupstream: {{url: http://127.0.0.1:9}}\n")
