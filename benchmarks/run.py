@@ -16,6 +16,7 @@ Targets (the columns):
 - ``aiohttp-bare``: aiohttp's low-level server returning a constant preflight answer,
   the framework's ceiling for preflights (``bare_aiohttp.py``);
 - ``aiohttp-proxy``: a plain web.Application + ClientSession proxy (``aiohttp_proxy.py``);
+- ``aiohttp-ll-proxy``: the same on aiohttp's low-level server (only with ``--targets``);
 - ``corsproxy``: ``python -m corsproxy run --config benchmarks/corsproxy.yaml``.
 
 Paths (the rows): ``preflight`` (OPTIONS with Origin, Access-Control-Request-Method and
@@ -94,8 +95,11 @@ TARGETS = {
     "nginx-cors": ("nginx as a CORS proxy", ("preflight", "small", "large"), True),
     "aiohttp-bare": ("bare aiohttp, constant", ("preflight",), True),
     "aiohttp-proxy": ("plain aiohttp proxy", ("preflight", "small", "large"), True),
+    "aiohttp-ll-proxy": ("aiohttp low-level proxy", ("small", "large"), True),
     "corsproxy": ("corsproxy", ("preflight", "small", "large"), True),
 }
+#: Measured unless --targets says otherwise (aiohttp-ll-proxy only on request).
+DEFAULT_TARGETS = ("direct", "nginx-cors", "aiohttp-bare", "aiohttp-proxy", "corsproxy")
 
 #: Issue 5's targets: (path, baseline target, minimum corsproxy/baseline req/s ratio,
 #: maximum corsproxy/baseline p99 ratio or None).
@@ -369,8 +373,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="wrk threads (2)")
     parser.add_argument(
         "--targets",
-        default=",".join(TARGETS),
-        help=f"comma list of targets (default all: {','.join(TARGETS)})",
+        default=",".join(DEFAULT_TARGETS),
+        help=f"comma list of targets (default {','.join(DEFAULT_TARGETS)}; "
+        f"all: {','.join(TARGETS)})",
     )
     parser.add_argument(
         "--paths",
@@ -443,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_wrk(wrk, ports[t], SCENARIOS[p], args, args.warmup)
             r = run_wrk(wrk, ports[t], SCENARIOS[p], args, args.duration)
             results[(t, p)] = r
-            print(f"  {SCENARIOS[p].label:<18} {t:<14} {cell(r)}", flush=True)
+            print(f"  {SCENARIOS[p].label:<18} {t:<17} {cell(r)}", flush=True)
     except BenchError as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
         return 1
@@ -520,6 +525,21 @@ def start_servers(
             [
                 sys.executable,
                 str(HERE / "aiohttp_proxy.py"),
+                "--port",
+                str(port),
+                "--upstream",
+                upstream_url,
+            ],
+            port,
+        )
+    if "aiohttp-ll-proxy" in needed:
+        port = ports["aiohttp-ll-proxy"] = free_port()
+        procs.start(
+            "aiohttp-ll-proxy",
+            [
+                sys.executable,
+                str(HERE / "aiohttp_proxy.py"),
+                "--low-level",
                 "--port",
                 str(port),
                 "--upstream",
