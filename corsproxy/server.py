@@ -120,6 +120,9 @@ def build_app(config: Config, *, log_format: str = "text") -> web.Application:
             # the handler writes one line per request itself.
             "logger": SERVER_LOGGER,
             "access_log": None,
+            # A gzip request body must reach the upstream as gzip: aiohttp's server
+            # would otherwise inflate it and forward the result as "gzip".
+            "auto_decompress": False,
         }
     )
     app[STATE] = _State(config, log_format)

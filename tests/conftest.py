@@ -134,7 +134,9 @@ class RecordingUpstream:
         app = web.Application(client_max_size=2**40)
         app.router.add_route("*", r"/{path:[\s\S]*}", self._handle)
         app.on_response_prepare.append(self._strip)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        self._runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=1.0, auto_decompress=False
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
