@@ -818,3 +818,20 @@ def test_compose_sample_api_and_proxy_work_together_on_loopback(compose_model, s
     )
     assert health.returncode == 0, health.stderr
     assert stop(proxy) == 0, proxy.output()
+
+
+# ---------------------------------------------------------------------------
+# .ci/run
+# ---------------------------------------------------------------------------
+
+
+def test_ci_script_ends_with_the_readmes_test_command():
+    lines = [
+        line.strip()
+        for line in (REPO / ".ci" / "run").read_text().splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
+    assert lines[-1] == "python3 -m pytest"
+    readme = (REPO / "README.md").read_text()
+    assert lines[-1] in readme, "the README's test command and .ci/run's last line differ"
+    assert os.access(REPO / ".ci" / "run", os.X_OK), ".ci/run must be executable"
