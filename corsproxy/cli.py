@@ -242,14 +242,14 @@ def _policy_lines(s: CorsSettings, base: CorsSettings | None = None) -> list[str
 def _summary(config: Config) -> str:
     listen, up = config.listen, config.upstream
     body = "no limit" if listen.max_body_size is None else f"{listen.max_body_size} bytes"
+    url = up.url or "(not set: pass --upstream to corsproxy run)"
     out = [
         f"{config.source}: OK",
         "",
-        f"listen:   {listen.host}:{listen.port}  (max body {body}, shutdown grace "
+        f"listen:   {listen.host}:{listen.port}  (max_body_size: {body}, shutdown_grace: "
         f"{listen.shutdown_grace:g} s)",
-        f"upstream: {up.url or '(not set: pass --upstream to corsproxy run)'}  (connect timeout "
-        f"{up.connect_timeout:g} s, timeout {up.timeout:g} s, Host: "
-        f"{'the client' + chr(39) + 's' if up.preserve_host else 'the upstream' + chr(39) + 's'})",
+        f"upstream: {url}  (connect_timeout: {up.connect_timeout:g} s, timeout: "
+        f"{up.timeout:g} s, preserve_host: {str(up.preserve_host).lower()})",
         "",
         "cors (every path not under a route):",
         *_policy_lines(config.cors),
@@ -344,7 +344,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(json.dumps(explain_json(config, req, decision), indent=2))
         return 0
     if decision.forward:
-        status = "forwarded upstream (the upstream's status; corsproxy sets the headers below)"
+        status = (
+            "forwarded upstream (the upstream's status; corsproxy replaces the upstream's "
+            "Access-Control-* headers with the ones below and merges Vary)"
+        )
     else:
         status = f"{decision.status} (answered by corsproxy, not forwarded)"
     lines = [f"request:  {req.method} {req.path}"]

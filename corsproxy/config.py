@@ -611,13 +611,19 @@ def _describe(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def _path(loc: tuple[Any, ...]) -> str:
+    """``("routes", 0, "cors")`` -> ``routes[0].cors``; odd keys are quoted."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        else:
+        elif _PLAIN_KEY.fullmatch(str(part)):
             out += ("." if out else "") + str(part)
+        else:
+            out += f"[{json.dumps(str(part))}]"
     return out
 
 
@@ -721,7 +727,14 @@ class _Document:
     duplicates: list[tuple[Loc, str]]
 
 
-def _yaml_error(source: str, e: yaml.YAMLError) -> str:
+def _yaml_error(source: str, e: yaml.YAMLError, text: str) -> str:
+    if isinstance(e, yaml.reader.ReaderError):  # a character YAML does not allow
+        line = text.count("\n", 0, e.position) + 1
+        column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
+        return (
+            f"{source}: line {line}, column {column}: YAML syntax error: character "
+            f"U+{e.character:04X} is not allowed in YAML; remove it"
+        )
     mark = getattr(e, "problem_mark", None)
     problem = getattr(e, "problem", None) or str(e)
     where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
@@ -769,21 +782,23 @@ def _walk(node: yaml.Node, loc: Loc, doc: _Document) -> None:
 def _read_yaml(text: str, source: str) -> _Document:
     """Parse ``text``; a syntax error raises :class:`ConfigError` at once (nothing
     else can be checked then)."""
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)
         node = loader.get_single_node()
         doc = _Document(None, {}, [])
         if node is not None:
             _walk(node, (), doc)
             doc.data = loader.construct_document(node)
     except yaml.YAMLError as e:
-        raise ConfigError([_yaml_error(source, e)]) from None
+        raise ConfigError([_yaml_error(source, e, text)]) from None
     except RecursionError:
         raise ConfigError(
             [f"{source}: YAML: the document is nested too deeply; flatten it"]
         ) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return doc
 
 
@@ -801,7 +816,8 @@ def _valid_fields(section: Any) -> dict[str, Any]:
 
     Validates one field at a time (and, for a list with a bad item, one item at a
     time, the bad ones kept as a placeholder), so a broken value doesn't hide the
-    merged checks and warnings of the others.
+    merged checks and warnings of the others, nor cause false ones (a broken
+    allow_origins is not an empty one).
     """
     if not isinstance(section, dict):
         return {}
@@ -813,14 +829,17 @@ def _valid_fields(section: Any) -> dict[str, Any]:
         try:
             good[name] = getattr(CorsModel.model_validate({name: value}), name)
         except ValidationError:
-            if isinstance(value, list):
+            value = _one_item(value)
+            if name in _STR_LISTS:
                 items = []
-                for item in value:
+                for item in value if isinstance(value, list) else [value]:
                     try:
                         items.append(getattr(CorsModel.model_validate({name: [item]}), name)[0])
                     except ValidationError:
                         items.append(_BAD)
                 good[name] = items
+            elif name == "allow_origin_regex":
+                good[name] = _BAD  # written, but broken: not "no regex"
     return good
 
 
@@ -891,7 +910,7 @@ def _policy_warnings(
             )
         )
     regex = written.get("allow_origin_regex")
-    if regex:
+    if isinstance(regex, str) and regex:
         compiled = compile_origin_regex(regex)
         if compiled.engine == "re":
             out.append(

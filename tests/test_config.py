@@ -12,6 +12,9 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from corsproxy.config import (
     Config,
@@ -693,7 +696,6 @@ def test_example_configs_load_without_errors(path):
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_example_configs_validate_against_the_shipped_schema(path):
     jsonschema = pytest.importorskip("jsonschema")
-    import yaml
 
     schema = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
     jsonschema.validate(yaml.safe_load(path.read_text(encoding="utf-8")) or {}, schema)
@@ -706,3 +708,70 @@ def test_example_configs_validate_against_the_shipped_schema(path):
 def test_my_examples_point_editors_at_the_schema(path):
     first = path.read_text(encoding="utf-8").splitlines()[0]
     assert first == "# yaml-language-server: $schema=../corsproxy/config.schema.json"
+
+
+# -- robustness -------------------------------------------------------------------
+
+
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True),
+    st.text(max_size=20),
+    st.sampled_from(["*", "null", "https://a.com", "https://*.a.com", "GET", "/api", "(("]),
+)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.one_of(st.text(max_size=8), st.integers()), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+CORS_KEY = st.sampled_from([*CORS_KEYS.split(", "), "bogus"])
+DOCUMENTS = st.fixed_dictionaries(
+    {},
+    optional={
+        "listen": st.dictionaries(
+            st.sampled_from(["host", "port", "max_body_size", "shutdown_grace", "x"]), VALUES
+        ),
+        "upstream": st.dictionaries(
+            st.sampled_from(["url", "connect_timeout", "timeout", "preserve_host"]), VALUES
+        )
+        | VALUES,
+        "cors": st.dictionaries(CORS_KEY, VALUES) | VALUES,
+        "routes": st.lists(
+            st.fixed_dictionaries(
+                {}, optional={"path": VALUES, "cors": st.dictionaries(CORS_KEY, VALUES) | VALUES}
+            )
+            | VALUES,
+            max_size=3,
+        )
+        | VALUES,
+    },
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(DOCUMENTS)
+def test_any_document_gives_a_config_or_config_error(document):
+    text = yaml.safe_dump(document)
+    try:
+        config = parse_config(text, "fuzz.yaml")
+    except ConfigError as e:
+        assert e.errors
+        for line in [*e.errors, *e.warnings]:
+            assert line.startswith("fuzz.yaml: ")
+            assert "\n" not in line
+    else:
+        assert isinstance(config, Config)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200))
+def test_any_text_gives_a_config_or_config_error(text):
+    try:
+        parse_config(text, "fuzz.yaml")
+    except ConfigError as e:
+        assert e.errors and all(line.startswith("fuzz.yaml: ") for line in e.errors)
