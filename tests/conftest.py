@@ -411,12 +411,39 @@ async def http():
         yield Http(session)
 
 
+def _complete_response(data: bytes) -> bool:
+    """True when ``data`` holds at least one whole response (Content-Length or
+    chunked framing; no body for 1xx/204/304)."""
+    end = data.find(b"\r\n\r\n")
+    if end == -1:
+        return False
+    head, body = data[:end].lower(), data[end + 4 :]
+    status = status_of(data)
+    if status is not None and (status < 200 or status in (204, 304)):
+        return True
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip() == b"content-length":
+            return len(body) >= int(value)
+        if name.strip() == b"transfer-encoding" and b"chunked" in value:
+            return body.endswith(b"0\r\n\r\n")
+    return False
+
+
+class Received(bytes):
+    """Bytes read from a socket; ``timed_out`` when the peer neither closed the
+    connection nor sent a whole response in time."""
+
+    timed_out: bool = False
+
+
 async def raw_exchange(port: int, data: bytes, timeout: float = 5.0, half_close: bool = False
-                       ) -> bytes:
-    """Send ``data`` on a fresh connection and read until the server closes it or
-    ``timeout`` seconds pass (then whatever arrived). Never hangs."""
+                       ) -> Received:
+    """Send ``data`` on a fresh connection and read until the server closes it, a
+    whole response has arrived, or ``timeout`` seconds pass. Never hangs."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     received = bytearray()
+    timed_out = False
     try:
         writer.write(data)
         await writer.drain()
@@ -424,18 +451,20 @@ async def raw_exchange(port: int, data: bytes, timeout: float = 5.0, half_close:
             writer.write_eof()
         try:
             async with asyncio.timeout(timeout):
-                while True:
+                while not _complete_response(received):
                     chunk = await reader.read(65536)
                     if not chunk:
                         break
                     received += chunk
         except TimeoutError:
-            pass
+            timed_out = True
     except ConnectionError:
         pass
     finally:
         writer.close()
-    return bytes(received)
+    result = Received(received)
+    result.timed_out = timed_out
+    return result
 
 
 def status_of(raw: bytes) -> int | None:
