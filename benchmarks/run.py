@@ -3,7 +3,7 @@
 One command starts everything on 127.0.0.1 with free ports, one worker each, measures
 with wrk, prints the tables and stops what it started:
 
-    python benchmarks/run.py                 # 10 s per measurement, about 3 minutes
+    python benchmarks/run.py                 # 10 s per measurement, about 2.5 minutes
     python benchmarks/run.py --duration 5 --paths preflight,small
     python benchmarks/run.py --smoke         # every piece once, 1 s each (the test uses it)
 
