@@ -20,6 +20,7 @@ LABEL org.opencontainers.image.title="corsproxy" \
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore \
     CORSPROXY_CONFIG=/etc/corsproxy/config.yaml
 
 WORKDIR /build
