@@ -105,3 +105,7 @@ def setup_logging(log_format: str = "text", stream: Any = None) -> None:
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     root.propagate = False
+    # aiohttp reports a bad request line on a connection's first request (often
+    # not HTTP at all, e.g. TLS to a plain port) at debug level; it is still one
+    # rejected request, so it gets its line like the other parse errors.
+    SERVER_LOGGER.setLevel(logging.DEBUG)
