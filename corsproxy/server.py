@@ -539,9 +539,10 @@ async def serve(
                                     f"pick another address with --host/--port or listen.port")
         return 1
     bound = runner.addresses[0][:2] if runner.addresses else (host, port)
+    loop_name = type(loop).__module__.partition(".")[0]  # "uvloop" or "asyncio"
     _event(log_format, "listening", f"corsproxy listening on http://{_hostport(*bound)}, "
-                                    f"forwarding to {config.upstream.url}",
-           host=bound[0], port=bound[1], upstream=config.upstream.url)
+                                    f"forwarding to {config.upstream.url} ({loop_name})",
+           host=bound[0], port=bound[1], upstream=config.upstream.url, loop=loop_name)
     if ready is not None:
         ready(bound[0], bound[1])
     own_signals = stop is None

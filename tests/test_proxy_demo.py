@@ -32,6 +32,13 @@ def test_packaged_demo_policy_is_identical_to_config_demo_yaml():
     assert demo_policy_text().encode() == packaged
 
 
+def test_the_demo_policy_is_package_data():
+    import tomllib
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "demo.yaml" in pyproject["tool"]["setuptools"]["package-data"]["corsproxy"]
+
+
 def test_demo_policy_loads_with_the_ports_filled_in():
     config = demo_config("127.0.0.1", 9999, "http://127.0.0.1:9998")
     assert config.listen.port == 9999

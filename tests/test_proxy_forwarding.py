@@ -16,6 +16,7 @@ import pytest
 from conftest import (
     Reply,
     client_session,
+    raw_exchange,
     raw_response,
     read_one_response,
     status_of,
@@ -356,6 +357,19 @@ async def test_204_and_304_have_no_body(upstream, make_proxy, status):
     assert b"\r\nAccess-Control-Allow-Origin: https://app.example.com\r\n" in head
     assert b"Transfer-Encoding" not in head
     assert status_of(after) == 200
+
+
+async def test_a_chunked_response_reaches_an_http10_client_delimited_by_close(
+    upstream, make_proxy
+):
+    upstream.reply("/stream", chunks=lambda: [b"one,", b"two,", b"three"])
+    proxy = await make_proxy(cors=POLICY)
+    raw = await raw_exchange(proxy.port, b"GET /stream HTTP/1.0\r\n\r\n")
+    assert not raw.timed_out
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200 ")
+    assert b"transfer-encoding" not in head.lower()
+    assert body == b"one,two,three"
 
 
 async def test_gzip_body_passes_byte_identical(upstream, make_proxy, http):

@@ -196,7 +196,8 @@ async def test_stderr_has_one_json_line_per_request_and_no_tracebacks(upstream, 
     assert isinstance(allowed["upstream_ms"], int | float)
     errors = [r for r in records if r.get("event") == "server-error"]
     assert len(errors) == 1 and "Invalid method" in errors[0]["message"]
-    assert [r.get("event") for r in records if "event" in r][0] == "listening"
+    listening = records[0]
+    assert listening["event"] == "listening" and listening["loop"] == "uvloop"
 
 
 async def test_an_unusable_port_is_reported_in_one_line_with_exit_1(tmp_path):
