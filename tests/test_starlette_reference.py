@@ -1,0 +1,663 @@
+"""Starlette's CORSMiddleware as a reference for corsproxy's decision core.
+
+For every case of the shared table (``tests/cases.yaml``), for a few thousand
+hypothesis-generated policy/request pairs, and for the witness of every listed
+difference, the same policy and request go through
+
+- corsproxy: the policy parsed by the real config loader, ``Router.decide()``;
+- Starlette 1.10.0: ``CORSMiddleware`` built with the same settings, called as an
+  ASGI app (asyncio, no network) around an inner app that answers 200 with no
+  headers (or, for some requests, with CORS headers of its own);
+
+and what each would send is compared: kind, status (or "forwarded"), the full set
+of ``Access-Control-*`` headers, the ``Vary`` names and the failed preflight
+checks. They must be equal after the named differences of
+``tests/reference_differences.py``; any other difference fails with a diff.
+
+What is expressible in Starlette, and how:
+
+- Per-route policies: Starlette has no routes; the request is compared against a
+  Starlette middleware built from the settings of the route corsproxy selected
+  (what one middleware per mounted sub-app would do). Route selection itself is
+  covered by the core and proxy tests.
+- ``enforce`` has no Starlette keyword; its effect is the named difference
+  ``ENFORCE_REJECTS_DENIED_ORIGINS``, so those cases are compared too.
+- Subdomain patterns are handed to Starlette as the equivalent regex
+  (``SUBDOMAIN_PATTERNS``).
+- A policy corsproxy refuses at config load (``*`` with credentials) is compared
+  as "refused" (``STAR_WITH_CREDENTIALS_REFUSED``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import pytest
+import starlette
+import yaml
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from reference_differences import (
+    CHECK_ORDER,
+    DIFFERENCES,
+    STARLETTE_VERSION,
+    Difference,
+    Exchange,
+    Observed,
+    Stage,
+    StarletteSettings,
+    re2_compile,
+    render_markdown,
+    starlette_kwargs,
+)
+from starlette.middleware.cors import CORSMiddleware
+
+from corsproxy.config import ConfigError, parse_config
+from corsproxy.core import CorsSettings, RequestView, Router
+
+#: Headers the inner app sends when it plays an upstream with its own CORS
+#: headers. The values are ones Starlette itself never sends, so what survives
+#: from the upstream is told apart from what the middleware set.
+UPSTREAM_CORS_HEADERS = (
+    ("Access-Control-Allow-Origin", "https://upstream.invalid"),
+    ("Access-Control-Allow-Credentials", "upstream"),
+    ("Access-Control-Expose-Headers", "X-From-Upstream"),
+    ("Access-Control-Allow-Methods", "UPSTREAM"),
+)
+
+# ---------------------------------------------------------------------------
+# Both sides
+# ---------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=512)
+def _router(policy_json: str) -> Router:
+    policy = json.loads(policy_json)
+    text = yaml.safe_dump({"cors": policy.get("cors") or {}, "routes": policy.get("routes") or []})
+    return parse_config(text, source="reference-policy").router
+
+
+def build_router(policy: Mapping[str, Any]) -> Router:
+    """The policy (``{cors: ..., routes: ...}``) through the real config loader."""
+    return _router(json.dumps(policy, sort_keys=True))
+
+
+def unvalidated_settings(policy: Mapping[str, Any]) -> list[CorsSettings]:
+    """The top-level and every merged route policy, straight into CorsSettings
+    (used only when the config loader refused the policy)."""
+
+    def merge(fields: Mapping[str, Any], base: CorsSettings) -> CorsSettings:
+        values = dict(base.__dict__)
+        for key, value in fields.items():
+            if isinstance(getattr(base, key), tuple):
+                value = (value,) if isinstance(value, str) else tuple(value)
+            values[key] = value
+        return CorsSettings(**values)
+
+    top = merge(policy.get("cors") or {}, CorsSettings())
+    return [top] + [merge(r.get("cors") or {}, top) for r in policy.get("routes") or []]
+
+
+def view_from_lines(
+    method: str, path: str, lines: Sequence[tuple[str, str]], scheme: str = "http"
+) -> RequestView:
+    """The request as the proxy hands it to the core (as tests/casetable.py does)."""
+
+    def values(name: str) -> tuple[str, ...]:
+        return tuple(v for n, v in lines if n.lower() == name.lower())
+
+    def first(name: str) -> str | None:
+        found = values(name)
+        return found[0] if found else None
+
+    return RequestView(
+        method=method,
+        path=path.split("?", 1)[0],
+        origin=values("Origin"),
+        request_method=first("Access-Control-Request-Method"),
+        request_headers=values("Access-Control-Request-Headers"),
+        request_private_network=first("Access-Control-Request-Private-Network"),
+        host=first("Host"),
+        scheme=scheme,
+    )
+
+
+def _latin1(value: str, what: str) -> bytes:
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:  # pragma: no cover - a generator or case-table bug
+        raise AssertionError(f"{what} {value!r} can't go into an ASGI header (latin-1)") from None
+
+
+async def _call_starlette(
+    theirs: StarletteSettings,
+    method: str,
+    path: str,
+    lines: Sequence[tuple[str, str]],
+    scheme: str,
+    upstream_headers: Sequence[tuple[str, str]],
+) -> tuple[bool, list[dict[str, Any]]]:
+    forwarded = False
+
+    async def upstream(scope, receive, send):
+        nonlocal forwarded
+        forwarded = True
+        headers = [(n.lower().encode(), v.encode()) for n, v in upstream_headers]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"from upstream"})
+
+    app = CORSMiddleware(upstream, **theirs.kwargs)
+    if theirs.regex_engine == "re2":
+        # CORSMiddleware only ever calls .fullmatch(origin) on this attribute.
+        app.allow_origin_regex = re2_compile(theirs.kwargs["allow_origin_regex"])
+    raw_path, _, query = path.partition("?")
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": scheme,
+        "path": raw_path,
+        "raw_path": raw_path.encode(),
+        "query_string": query.encode(),
+        "root_path": "",
+        "headers": [(_latin1(n, "header name").lower(), _latin1(v, n)) for n, v in lines],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8080),
+    }
+    messages: list[dict[str, Any]] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        messages.append(message)
+
+    await app(scope, receive, send)
+    return forwarded, messages
+
+
+def starlette_observe(
+    theirs: StarletteSettings,
+    method: str,
+    path: str,
+    lines: Sequence[tuple[str, str]],
+    scheme: str = "http",
+    upstream_headers: Sequence[tuple[str, str]] = (),
+) -> Observed:
+    """What Starlette's CORSMiddleware sends for this request."""
+    forwarded, messages = asyncio.run(
+        _call_starlette(theirs, method, path, lines, scheme, upstream_headers)
+    )
+    start = next(m for m in messages if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
+    cors: dict[str, str] = {}
+    vary: list[str] = []
+    for raw_name, raw_value in start["headers"]:
+        name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
+        if name.lower() == "vary":
+            vary += [v.strip() for v in value.split(",") if v.strip()]
+        elif name.lower().startswith("access-control-"):
+            assert name.lower() not in cors, f"Starlette sent {name} twice"
+            cors[name.lower()] = value
+    has_origin = any(n.lower() == "origin" for n, _ in lines)
+    if forwarded:
+        return Observed.make("actual" if has_origin else "not-cors", "forwarded", cors, vary)
+    failed: tuple[str, ...] = ()
+    text = body.decode()
+    if start["status"] == 400:
+        assert text.startswith("Disallowed CORS "), text
+        failed = tuple(text.removeprefix("Disallowed CORS ").split(", "))
+        assert set(failed) <= set(CHECK_ORDER), text
+    return Observed.make("preflight", start["status"], cors, vary, failed)
+
+
+def corsproxy_observe(router: Router, view: RequestView) -> Observed:
+    """What corsproxy's decision says it sends for this request."""
+    decision = router.decide(view)
+    cors: dict[str, str] = {}
+    for name, value in decision.headers:
+        assert name.lower().startswith("access-control-"), f"core put {name} in headers"
+        assert name.lower() not in cors, f"core sends {name} twice: {decision.headers}"
+        cors[name.lower()] = value
+    status = "forwarded" if decision.status is None else decision.status
+    failed = decision.failed if decision.kind.value == "preflight" else ()
+    return Observed.make(decision.kind.value, status, cors, decision.vary, failed)
+
+
+# ---------------------------------------------------------------------------
+# The comparison
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The outcome of one comparison. ``problem`` is None when the two agree."""
+
+    ours: Observed | None
+    theirs: Observed | None
+    starlette_raw: Observed | None
+    applied: tuple[str, ...]
+    problem: str | None
+    context: str
+
+    def report(self) -> str:
+        out = [self.problem or "equal", self.context]
+        if self.ours is not None and self.theirs is not None:
+            diff = difflib.unified_diff(
+                self.theirs.lines(),
+                self.ours.lines(),
+                "starlette (after the listed differences)",
+                "corsproxy",
+                lineterm="",
+            )
+            out += ["", *diff]
+        if self.starlette_raw is not None:
+            out += ["", "starlette as sent:", *("  " + x for x in self.starlette_raw.lines())]
+        out.append(f"differences applied: {', '.join(self.applied) or 'none'}")
+        return "\n".join(out)
+
+
+def compare(
+    policy: Mapping[str, Any],
+    method: str,
+    path: str,
+    lines: Sequence[tuple[str, str]],
+    *,
+    view: RequestView | None = None,
+    upstream_cors: bool = False,
+    scheme: str = "http",
+    omit: frozenset[str] = frozenset(),
+) -> Comparison:
+    """Run one request through both sides and compare (``omit``: differences to
+    leave out, to prove each one is needed)."""
+    lines = tuple((str(n), str(v)) for n, v in lines)
+    view = view or view_from_lines(method, path, lines, scheme)
+    upstream = UPSTREAM_CORS_HEADERS if upstream_cors else ()
+    context = (
+        f"policy: {json.dumps(dict(policy))}\nrequest: {method} {path} "
+        f"{json.dumps([list(x) for x in lines])}"
+        + (" (upstream sends CORS headers)" * upstream_cors)
+    )
+    active = [d for d in DIFFERENCES if d.name not in omit]
+    applied: list[str] = []
+
+    def starlette_settings(settings: CorsSettings) -> StarletteSettings:
+        theirs = StarletteSettings(starlette_kwargs(settings))
+        for d in (d for d in active if d.stage is Stage.SETTINGS):
+            changed = d.apply(settings, theirs)
+            if changed is not None and changed != theirs:
+                theirs = changed
+                applied.append(d.name)
+        return theirs
+
+    try:
+        router = build_router(policy)
+    except ConfigError as e:
+        candidates = unvalidated_settings(policy)
+        refused = any(starlette_settings(s).refused_by_corsproxy for s in candidates)
+        theirs_raw = starlette_observe(
+            StarletteSettings(starlette_kwargs(candidates[0])),
+            method,
+            path,
+            lines,
+            scheme,
+            upstream,
+        )
+        problem = None if refused else f"corsproxy refused the policy: {e}"
+        return Comparison(None, None, theirs_raw, tuple(applied), problem, context)
+
+    _, chosen = router.select(view.path) if router.routes else (None, router.default)
+    settings_ = chosen.settings
+    theirs_settings = starlette_settings(settings_)
+    if theirs_settings.refused_by_corsproxy:
+        return Comparison(
+            None, None, None, tuple(applied), "corsproxy accepted a policy it must refuse", context
+        )
+
+    exchange = Exchange(settings_, view, lines, upstream)
+    starlette_lines: tuple[tuple[str, str], ...] = lines
+    for d in (d for d in active if d.stage is Stage.REQUEST):
+        changed = d.apply(exchange, starlette_lines)
+        if changed is not None and tuple(changed) != starlette_lines:
+            starlette_lines = tuple(changed)
+            applied.append(d.name)
+    raw = starlette_observe(theirs_settings, method, path, starlette_lines, scheme, upstream)
+    theirs = raw
+    for d in (d for d in active if d.stage is Stage.RESPONSE):
+        changed = d.apply(exchange, theirs)
+        if changed is not None and changed != theirs:
+            theirs = changed
+            applied.append(d.name)
+
+    ours = corsproxy_observe(router, view)
+    problem = None if ours == theirs else "corsproxy and Starlette differ"
+    return Comparison(ours, theirs, raw, tuple(applied), problem, context)
+
+
+def assert_agree(result: Comparison) -> None:
+    assert result.problem is None, result.report()
+
+
+# ---------------------------------------------------------------------------
+# The shared case table
+# ---------------------------------------------------------------------------
+
+
+def _table() -> list[Any]:
+    try:
+        from casetable import CASES_FILE, load_cases
+    except ImportError:  # pragma: no cover - the table module is part of the repo
+        return []
+    return load_cases() if CASES_FILE.exists() else []
+
+
+CASES = _table()
+
+
+def test_the_shared_case_table_is_there_to_compare():
+    assert len(CASES) >= 20, "tests/cases.yaml is missing or nearly empty"
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_case_table_agrees_with_starlette(case):
+    result = compare(
+        case.policy,
+        case.request.method,
+        case.request.path,
+        case.request.headers,
+        view=case.request_view(),
+    )
+    assert_agree(result)
+
+
+# ---------------------------------------------------------------------------
+# Generated policies and requests
+# ---------------------------------------------------------------------------
+
+_APP = "https://app.example.com"
+ORIGIN_SETS = [
+    [_APP],
+    [_APP, "http://localhost:3000"],
+    ["https://*.example.com"],
+    ["https://*.example.com", "http://*.dev.test:8080", "null"],
+    ["null", "https://xn--bcher-kva.example"],
+    [],
+    ["*"],
+    ["*", _APP],
+]
+REGEXES = [
+    None,
+    None,
+    r"https://[a-z0-9-]+\.example\.org",
+    r"https?://localhost(:[0-9]+)?",
+    r"https://.*\.example\.com",
+    r"https://[a-z]+\.example\.net|http://127\.0\.0\.1:[0-9]{2,5}",
+    r"(?i)https://app\.example\.io",
+]
+METHOD_ENTRIES = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "patch", "PURGE", "OPTIONS"]
+HEADER_ENTRIES = ["X-Requested-With", "x-api-key", "Authorization", "content-type", "X-B", "Accept"]
+EXPOSE_ENTRIES = ["X-Total-Count", "X-Request-Id", "Content-Length"]
+
+
+@st.composite
+def policies(draw) -> dict[str, Any]:
+    """Policies over every setting: exact lists, `*`, patterns, regexes,
+    credentials, methods and headers incl. `*`, expose, max_age, PNA, enforce."""
+    cors: dict[str, Any] = {"allow_origins": draw(st.sampled_from(ORIGIN_SETS))}
+    regex = draw(st.sampled_from(REGEXES))
+    if regex is not None:
+        cors["allow_origin_regex"] = regex
+    cors["allow_methods"] = draw(
+        st.one_of(
+            st.just(["*"]),
+            st.lists(st.sampled_from(METHOD_ENTRIES), unique=True, max_size=4),
+        )
+    )
+    cors["allow_headers"] = draw(
+        st.one_of(
+            st.just(["*"]),
+            st.lists(st.sampled_from(HEADER_ENTRIES), unique=True, max_size=3),
+        )
+    )
+    # `*` with credentials is refused at config load: draw it rarely.
+    star = "*" in cors["allow_origins"]
+    cors["allow_credentials"] = draw(st.booleans()) and (not star or draw(st.integers(0, 9)) == 0)
+    cors["expose_headers"] = draw(
+        st.lists(st.sampled_from(EXPOSE_ENTRIES), unique=True, max_size=2)
+    )
+    cors["max_age"] = draw(st.sampled_from([0, 5, 600, 7200, 86400]))
+    cors["allow_private_network"] = draw(st.booleans())
+    cors["enforce"] = draw(st.booleans())
+    return {"cors": cors}
+
+
+def _near_misses(origin: str) -> list[str]:
+    out = [origin, origin.upper(), origin + "/", origin.replace("://", "://www.")]
+    if origin.startswith("https://"):
+        out += [origin + ":443", "http://" + origin[8:]]
+    return out
+
+
+ORIGIN_POOL = sorted(
+    {
+        *(
+            m
+            for s in ORIGIN_SETS
+            for o in s
+            if o != "*" and "://*." not in o
+            for m in _near_misses(o)
+        ),
+        "https://a.example.com",
+        "https://a.b.example.com",
+        "https://example.com",
+        "https://evil-example.com",
+        "https://a.example.com.evil.net",
+        "https://-a.example.com",
+        "https://a_b.example.com",
+        "https://a..example.com",
+        "https://A.example.com",
+        "http://a.example.com",
+        "https://a.example.com:8443",
+        "https://*.example.com",
+        "http://x.dev.test:8080",
+        "http://x.dev.test",
+        "http://x.dev.test:8081",
+        "https://foo.example.org",
+        "https://foo-bar.example.org",
+        "https://foo.example.org.evil.net",
+        "http://localhost",
+        "http://localhost:8080",
+        "https://localhost:1",
+        "http://localhost:",
+        "https://abc.example.net",
+        "https://\xe9t\xe9.example.net",
+        "https://ab1.example.net",
+        "http://127.0.0.1:8000",
+        "http://127.0.0.1:80000",
+        "http://127.0.0.1",
+        "https://app.example.io",
+        "https://APP.EXAMPLE.IO",
+        "null",
+        "Null",
+        "",
+        " " + _APP,
+        "http://proxy.test:8080",
+        "https://proxy.test",
+    }
+)
+
+OVERLONG = [
+    "https://" + "a" * 290 + ".example.com",
+    "https://" + "b" * 300 + ".example.org",
+    "http://localhost:" + "1" * 300,
+]
+
+NAME_POOL = [
+    "x-requested-with",
+    "X-Requested-With",
+    "x-api-key",
+    "authorization",
+    "Authorization",
+    "content-type",
+    "Content-Type",
+    "accept",
+    "x-b",
+    "X-B",
+    "x-unknown",
+    "*",
+    "",
+    " ",
+    "bad name",
+    "x-\xe9",
+    "x-a\x0b",
+    "x-a;",
+]
+
+
+@st.composite
+def acrh_lines(draw) -> list[str]:
+    def line():
+        names = st.lists(st.sampled_from(NAME_POOL), max_size=5)
+        sep = st.sampled_from([",", ", ", " ,", ",\t", " , "])
+        return st.builds(lambda s, ns: s.join(ns), sep, names)
+
+    return draw(st.lists(line(), max_size=3))
+
+
+@st.composite
+def requests(draw) -> dict[str, Any]:
+    """A request: mostly preflights and actual requests with one Origin."""
+    lines: list[tuple[str, str]] = []
+    host = draw(st.sampled_from([None, "proxy.test:8080", "PROXY.TEST:8080", "proxy.test:443"]))
+    if host is not None:
+        lines.append(("Host", host))
+    n_origins = draw(st.sampled_from([1] * 16 + [0, 0, 2]))
+    for _ in range(n_origins):
+        origin = draw(
+            st.one_of(
+                st.sampled_from(ORIGIN_POOL),
+                st.sampled_from(OVERLONG),
+                st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF), max_size=30),
+            )
+        )
+        lines.append(("Origin", origin))
+    preflight = draw(st.booleans())
+    method = "OPTIONS" if preflight else draw(st.sampled_from(["GET", "POST", "HEAD", "OPTIONS"]))
+    if preflight or draw(st.integers(0, 9)) == 0:
+        acrm = draw(
+            st.sampled_from(
+                ["GET", "POST", "PUT", "DELETE", "PATCH", "patch", "PURGE", "QUERY", "OPTIONS"]
+                + ["HEAD", "", "GE T", "X-Custom", "pUt", "PUT "]
+            )
+        )
+        lines.append(("Access-Control-Request-Method", acrm))
+    for value in draw(acrh_lines()):
+        lines.append(("Access-Control-Request-Headers", value))
+    acrpn = draw(st.sampled_from([None, None, "true", "false", "TRUE", ""]))
+    if acrpn is not None:
+        lines.append(("Access-Control-Request-Private-Network", acrpn))
+    if draw(st.integers(0, 4)) == 0:  # Starlette < 0.x keyed its `*` echo on cookies
+        lines.append(("Cookie", "session=1"))
+    return {
+        "method": method,
+        "path": "/items?q=1",
+        "lines": lines,
+        "scheme": "https" if host == "proxy.test:443" else "http",
+        "upstream_cors": draw(st.booleans()),
+    }
+
+
+@settings(
+    max_examples=3000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(policy=policies(), request=requests())
+def test_generated_requests_agree_with_starlette(policy, request):
+    result = compare(
+        policy,
+        request["method"],
+        request["path"],
+        request["lines"],
+        scheme=request["scheme"],
+        upstream_cors=request["upstream_cors"],
+    )
+    for name in result.applied:
+        event(f"difference: {name}")
+    if result.ours is not None:
+        event(f"kind: {result.ours.kind}, status: {result.ours.status}")
+    assert_agree(result)
+
+
+# ---------------------------------------------------------------------------
+# The list of differences itself
+# ---------------------------------------------------------------------------
+
+
+def _witness(difference: Difference, omit: frozenset[str] = frozenset()) -> Comparison:
+    w = difference.witness
+    req = w["request"]
+    return compare(
+        w["policy"],
+        req["method"],
+        req["path"],
+        [tuple(h) for h in req["headers"]],
+        upstream_cors=w["upstream_cors"],
+        omit=omit,
+    )
+
+
+@pytest.mark.parametrize("difference", DIFFERENCES, ids=lambda d: d.name)
+def test_every_difference_is_exercised_and_needed(difference):
+    """On its witness, the comparison passes with every difference applied, the
+    difference is one of those applied, and without it the comparison fails."""
+    result = _witness(difference)
+    assert_agree(result)
+    assert difference.name in result.applied, result.report()
+    without = _witness(difference, omit=frozenset({difference.name}))
+    assert without.problem is not None, (
+        f"{difference.name} is not needed on its own witness:\n{without.report()}"
+    )
+
+
+def test_star_with_credentials_witness_shows_starlette_echoing_null():
+    difference = next(d for d in DIFFERENCES if d.name == "STAR_WITH_CREDENTIALS_REFUSED")
+    result = _witness(difference)
+    assert result.starlette_raw is not None
+    assert dict(result.starlette_raw.headers) == {
+        "Access-Control-Allow-Origin": "null",
+        "Access-Control-Allow-Credentials": "true",
+    }
+
+
+def test_the_pinned_starlette_is_the_one_the_differences_describe():
+    assert starlette.__version__ == STARLETTE_VERSION
+
+
+def test_differences_render_as_a_markdown_list():
+    text = render_markdown()
+    lines = text.splitlines()
+    assert text.endswith("\n") and not text.endswith("\n\n")
+    assert lines[0].startswith("Where corsproxy deliberately differs") and lines[1] == ""
+    items = lines[2:]
+    assert len(items) == 2 * len(DIFFERENCES)
+    for d, (head, why) in zip(DIFFERENCES, zip(items[::2], items[1::2], strict=True), strict=True):
+        assert head == f"- **`{d.name}`**: {d.summary}"
+        assert why == f"  *Why:* {d.reason}"
+    for line in lines:
+        assert line == line.rstrip(), f"trailing whitespace: {line!r}"
+        assert line.count("`") % 2 == 0, f"unbalanced backticks: {line!r}"
+        assert line.count("**") % 2 == 0, f"unbalanced bold: {line!r}"
+    for d in DIFFERENCES:
+        assert re.fullmatch(r"[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)*", d.name), d.name
+        for text_ in (d.summary, d.reason):
+            assert text_.strip() == text_ and text_.endswith((".", ")")), text_
+            assert "\n" not in text_, f"{d.name}: one line each"
