@@ -1,0 +1,238 @@
+"""Unit tests for the core's building blocks and its words: header-list parsing,
+route selection, verdicts, and the reason lines users read in 400/403 bodies,
+logs and ``corsproxy explain``."""
+
+import pytest
+
+from corsproxy.core import (
+    MAX_ORIGIN_LENGTH,
+    MAX_REQUEST_HEADERS_LENGTH,
+    CorsPolicy,
+    CorsSettings,
+    Kind,
+    RequestView,
+    Router,
+    compile_origin_regex,
+    is_token,
+    parse_header_list,
+)
+
+APP = "https://app.example.com"
+
+
+def router(**fields):
+    fields.setdefault("allow_origins", (APP,))
+    return Router(CorsPolicy(CorsSettings(**fields)))
+
+
+def preflight(origin=APP, method="GET", headers=(), pn=None, path="/"):
+    return RequestView("OPTIONS", path, (origin,), method, tuple(headers), pn)
+
+
+# -- Access-Control-Request-Headers parsing -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("lines", "names"),
+    [
+        ([], []),
+        ([""], []),
+        ([" , ,, "], []),
+        (["content-type,x-a,x-b"], ["content-type", "x-a", "x-b"]),
+        (["X-A ,\tx-b"], ["X-A", "x-b"]),
+        (["x-a", "x-b, X-A"], ["x-a", "x-b"]),
+        (["X-Trace, x-trace, X-TRACE"], ["X-Trace"]),
+        ([",x-a,"], ["x-a"]),
+    ],
+)
+def test_parse_header_list_accepts(lines, names):
+    assert parse_header_list(lines) == (names, None)
+
+
+@pytest.mark.parametrize(
+    ("lines", "words"),
+    [
+        (["x a"], '"x a" is not a valid header name'),
+        (["x-a, x:y"], '"x:y" is not a valid header name'),
+        (['"x-a"'], "is not a valid header name"),
+        (["x-\u00e9"], "is not a valid header name"),
+        (["x-\udcff"], "is not a valid header name"),
+        (["a" * (MAX_REQUEST_HEADERS_LENGTH + 1)], "longer than 8192 characters"),
+        (["x-a,"] * 2100, "longer than 8192 characters"),
+        ([",".join(f"h{i}" for i in range(257))], "more than 256 names"),
+    ],
+)
+def test_parse_header_list_refuses(lines, words):
+    names, error = parse_header_list(lines)
+    assert names == []
+    assert error.startswith("headers: ") and words in error
+
+
+def test_invalid_name_is_cut_in_the_reason():
+    _, error = parse_header_list(["x " + "a" * 5000])
+    assert "(cut; 5002 characters)" in error and len(error) < 200
+
+
+@pytest.mark.parametrize("value", ["GET", "patch", "X-Api-Key", "!#$%&'*+-.^_`|~"])
+def test_tokens(value):
+    assert is_token(value)
+
+
+@pytest.mark.parametrize("value", ["", "GET PUT", "a,b", "a:b", "\u00e9", "a\r\n", "(x)"])
+def test_not_tokens(value):
+    assert not is_token(value)
+
+
+# -- policy construction ------------------------------------------------------
+
+
+def test_star_with_credentials_is_refused_by_the_core_too():
+    with pytest.raises(ValueError, match="cannot be combined with allow_credentials"):
+        CorsPolicy(CorsSettings(allow_origins=("*",), allow_credentials=True))
+
+
+def test_regex_engine_is_re2_when_possible_and_re_otherwise():
+    assert compile_origin_regex(r"https://[a-z]+\.example\.com").engine == "re2"
+    assert compile_origin_regex(r"(?=https)https://x").engine == "re"
+
+
+def test_invalid_regex_raises():
+    with pytest.raises(Exception):  # noqa: B017 - re.error, re2 falls back to re
+        compile_origin_regex("https://(")
+
+
+# -- routes -------------------------------------------------------------------
+
+
+def test_router_reports_the_route_as_written():
+    top = CorsPolicy(CorsSettings())
+    routed = CorsPolicy(CorsSettings(allow_origins=("*",)))
+    r = Router(top, [("/public/", routed), ("/", top)])
+    assert r.select("/public") == ("/public/", routed)
+    assert r.select("/public/x") == ("/public/", routed)
+    assert r.select("/publicity") == ("/", top)
+    assert r.decide(RequestView("GET", "/public/x", ("https://a.example",))).route == "/public/"
+    assert r.decide(RequestView("GET", "/public/x")).route == "/public/"
+
+
+def test_no_routes_means_no_route():
+    assert router().decide(RequestView("GET", "/x", (APP,))).route is None
+
+
+# -- verdicts and words -----------------------------------------------------------
+
+
+def test_verdicts():
+    r = router(enforce=True)
+    assert r.decide(RequestView("GET")).verdict == "not-cors"
+    assert r.decide(RequestView("GET", "/", (APP,))).verdict == "allowed"
+    assert r.decide(RequestView("GET", "/", ("https://evil.example",))).verdict == "rejected"
+    assert r.decide(preflight("https://evil.example")).verdict == "denied"
+    assert router().decide(RequestView("GET", "/", ("https://evil.example",))).verdict == "denied"
+
+
+def test_denied_preflight_body_lists_checks_then_one_reason_per_check():
+    d = router(allow_methods=("GET",)).decide(
+        preflight("https://evil.example", "DELETE", ["x-secret"], "true")
+    )
+    lines = d.body.split("\n")
+    assert lines[0] == "Disallowed CORS origin, method, headers, private-network"
+    assert lines[1] == ""
+    assert lines[2:6] == list(d.reasons)
+    assert d.body.endswith("\n")
+    assert d.reasons == (
+        'origin: "https://evil.example" is not allowed by allow_origins or allow_origin_regex',
+        'method: "DELETE" is not in allow_methods (GET); methods compare case-sensitively',
+        'headers: "x-secret" not in allow_headers (none; Accept, Accept-Language, '
+        "Content-Language and Content-Type are always allowed)",
+        "private-network: Access-Control-Request-Private-Network is true "
+        "but allow_private_network is false",
+    )
+
+
+def test_allowed_preflight_reasons_name_each_rule():
+    d = router(allow_headers=("X-A",), allow_private_network=True).decide(
+        preflight(headers=["x-a"], pn="true")
+    )
+    assert d.allowed and d.body == "OK" and d.failed == ()
+    assert d.reasons == (
+        'origin: "https://app.example.com" is allowed by allow_origins',
+        'method: "GET" is in allow_methods',
+        "headers: every requested header is allowed",
+        "private-network: allowed by allow_private_network",
+    )
+
+
+def test_origin_reasons_say_which_rule_matched():
+    r = Router(CorsPolicy(CorsSettings(
+        allow_origins=("https://*.example.com",), allow_origin_regex=r"https://[a-z]+\.test"
+    )))
+    assert r.decide(RequestView("GET", "/", ("https://a.example.com",))).reasons == (
+        'origin: "https://a.example.com" is allowed by pattern "https://*.example.com"',
+    )
+    assert r.decide(RequestView("GET", "/", ("https://a.test",))).reasons == (
+        'origin: "https://a.test" is allowed by allow_origin_regex',
+    )
+
+
+def test_two_origin_lines_reason():
+    d = router().decide(RequestView("GET", "/", (APP, APP)))
+    assert d.reasons == ("origin: the request has 2 Origin headers; one is allowed",)
+
+
+def test_overlong_origin_reason_is_cut():
+    origin = "https://" + "a" * 400 + ".example.com"
+    d = router(allow_origins=("https://*.example.com",)).decide(RequestView("GET", "/", (origin,)))
+    (reason,) = d.reasons
+    assert f"is longer than {MAX_ORIGIN_LENGTH} characters" in reason
+    assert "(cut; 420 characters)" in reason and len(reason) < 250
+
+
+def test_empty_origin_reason():
+    d = router().decide(RequestView("GET", "/", ("",)))
+    assert d.reasons == ("origin: the Origin header is empty",)
+
+
+def test_null_origin_is_not_matched_by_a_catch_all_regex():
+    d = router(allow_origins=(), allow_origin_regex=".*").decide(RequestView("GET", "/", ("null",)))
+    assert not d.allowed and d.headers == ()
+
+
+def test_enforce_body_names_origin_reason_and_fix():
+    top = CorsPolicy(CorsSettings(allow_origins=(APP,)))
+    pay = CorsPolicy(CorsSettings(allow_origins=(APP,), enforce=True))
+    r = Router(top, [("/payments", pay)])
+    d = r.decide(RequestView("POST", "/payments/x", ("https://evil.example",)))
+    assert d.status == 403 and d.kind is Kind.ACTUAL
+    assert d.body == (
+        'Forbidden: cross-origin request from origin "https://evil.example" refused by '
+        "corsproxy (enforce: true).\n"
+        'origin: "https://evil.example" is not allowed by allow_origins or allow_origin_regex\n'
+        "To allow it, add the origin to routes[path=/payments].cors.allow_origins in the "
+        "proxy's config.\n"
+    )
+    top_level = router(enforce=True).decide(RequestView("POST", "/", ("https://evil.example",)))
+    assert "add the origin to cors.allow_origins" in top_level.body
+
+
+def test_same_origin_needs_the_listener_scheme():
+    r = router(enforce=True)
+    req = RequestView("POST", "/", ("https://api.example.com",), host="api.example.com:443",
+                      scheme="https")
+    d = r.decide(req)
+    assert d.allowed and d.status is None and d.headers == ()
+    assert d.reasons == (
+        'origin: "https://api.example.com" is the proxy\'s own origin (same-origin request)',
+    )
+
+
+def test_same_origin_without_host_is_cross_origin():
+    d = router(enforce=True).decide(RequestView("POST", "/", ("http://api.example.com",)))
+    assert d.status == 403
+
+
+def test_bodies_stay_small_on_huge_inputs():
+    huge = "x" * 100_000
+    r = router(enforce=True)
+    assert len(r.decide(preflight(huge, huge, [huge], huge)).body) < 1000
+    assert len(r.decide(RequestView("GET", "/", (huge, huge))).body) < 1000
