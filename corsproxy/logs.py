@@ -52,7 +52,7 @@ def access_line(log_format: str, fields: dict[str, Any]) -> str:
         return json.dumps({"time": _now(), **fields}, ensure_ascii=False)
     head = (
         f"{_now()} {fields.get('client') or '-'} {_text_value(fields['method'])} "
-        f"{_text_value(fields['path'])} {fields['status']}"
+        f"{_text_value(fields['path'])} {fields['status'] or '-'}"
     )
     parts = [head]
     for key in ("origin", "cors", "route", "upstream_ms", "ms", "error", "reason"):

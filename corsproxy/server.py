@@ -225,6 +225,13 @@ async def _handle(request: web.Request) -> web.StreamResponse:
             response = _own_response(decision, decision.status, decision.body)
         else:
             response = await _forward(request, state, decision, target, entry)
+    except asyncio.CancelledError:
+        # Shutdown: listen.shutdown_grace is over and aiohttp cancels what is left.
+        entry.error = "cut off: still running when the shutdown grace period ended"
+        if decision is not None:
+            _log_access(state, request, target, decision, entry.streaming, entry,
+                        loop.time() - started)
+        raise
     except Exception as exc:  # a bug in the proxy: still a clean answer with CORS headers
         log.exception("internal error on %s %s", request.method, target)
         entry.error = f"internal error: {type(exc).__name__}: {exc}"
@@ -484,7 +491,7 @@ def _log_access(
     request: web.BaseRequest,
     target: str,
     decision: Decision,
-    response: web.StreamResponse,
+    response: web.StreamResponse | None,
     entry: _Log,
     elapsed: float,
 ) -> None:
@@ -494,7 +501,7 @@ def _log_access(
         "client": request.remote,
         "method": request.method,
         "path": target.partition("?")[0],
-        "status": response.status,
+        "status": response.status if response is not None else None,
         "origin": ", ".join(request.headers.getall(hdrs.ORIGIN, ())) or None,
         "cors": decision.verdict,
         "route": decision.route,

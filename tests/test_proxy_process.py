@@ -163,6 +163,9 @@ async def test_requests_still_running_after_the_grace_period_are_cut_and_exit_is
         with pytest.raises(aiohttp.ClientError):
             async with await in_flight as resp:
                 await resp.read()
+    (cut,) = [r for r in proxy.records() if r.get("path") == "/forever"]
+    assert cut["status"] is None
+    assert cut["error"] == "cut off: still running when the shutdown grace period ended"
 
 
 async def test_stderr_has_one_json_line_per_request_and_no_tracebacks(upstream, run_proxy):
