@@ -46,7 +46,7 @@ class UsageError(Exception):
 # ---------------------------------------------------------------------------
 
 
-def _config_arg(parser: argparse.ArgumentParser, required: bool = True) -> None:
+def _config_arg(parser: argparse.ArgumentParser) -> None:
     env = os.environ.get(ENV_CONFIG) or None
     parser.add_argument(
         "--config",
@@ -506,3 +506,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError:
             pass
         return 0
+    except OSError as e:  # a port in use, a file that vanished: say so, no traceback
+        _err(f"corsproxy {args.command}: {e.strerror or e}")
+        return 1

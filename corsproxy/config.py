@@ -324,6 +324,24 @@ def _check_upstream_url(value: str | None) -> str | None:
     return value
 
 
+def _check_listen_host(value: str) -> str:
+    shown = json.dumps(value)
+    if not value or any(c.isspace() for c in value):
+        raise _fail(f'{shown} is not a host; write e.g. "127.0.0.1" (loopback) or "0.0.0.0" (all)')
+    if "://" in value or "/" in value:
+        host = urlsplit(value if "://" in value else "//" + value).hostname or "127.0.0.1"
+        raise _fail(f'{shown} is a URL; listen.host takes an address only: write "{host}"')
+    if value.startswith("[") and value.endswith("]"):
+        raise _fail(f'{shown}: write the IPv6 address without brackets: "{value[1:-1]}"')
+    if value.count(":") == 1:
+        host, port = value.split(":")
+        raise _fail(
+            f'{shown} has a port; write host: "{host or "0.0.0.0"}" and put the port in '
+            f"listen.port ({port})"
+        )
+    return value
+
+
 def _check_route_path(value: str) -> str:
     shown = json.dumps(value)
     if not value.startswith("/"):
@@ -381,7 +399,11 @@ class ListenModel(BaseModel):
 
     model_config = _STRICT
 
-    host: str = Field("127.0.0.1", description="Address to bind, e.g. 127.0.0.1 or 0.0.0.0.")
+    host: Annotated[str, AfterValidator(_check_listen_host)] = Field(
+        "127.0.0.1",
+        description="Address to bind: 127.0.0.1 (loopback only), 0.0.0.0 (every IPv4 "
+        "interface), ::1, :: ...",
+    )
     port: int = Field(8080, ge=0, le=65535, description="TCP port; 0 picks any free port.")
     max_body_size: int | None = Field(
         None,

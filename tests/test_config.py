@@ -295,6 +295,27 @@ BAD_FILES = [
         id="ranges",
     ),
     pytest.param(
+        "listen:\n  host: http://0.0.0.0:8080\n",
+        [
+            'FILE: listen.host: "http://0.0.0.0:8080" is a URL; listen.host takes an address only: '
+            'write "0.0.0.0"'
+        ],
+        id="listen_host_url",
+    ),
+    pytest.param(
+        "listen: {host: 'localhost:8080'}\n",
+        [
+            'FILE: listen.host: "localhost:8080" has a port; write host: "localhost" and put the '
+            "port in listen.port (8080)"
+        ],
+        id="listen_host_with_port",
+    ),
+    pytest.param(
+        "listen: {host: '[::1]'}\n",
+        ['FILE: listen.host: "[::1]": write the IPv6 address without brackets: "::1"'],
+        id="listen_host_ipv6_brackets",
+    ),
+    pytest.param(
         "routes: [/a, null]\n",
         [
             'FILE: routes[0]: expected a mapping with path and cors, got the string "/a"; for '
