@@ -291,6 +291,13 @@ def _star_with_credentials(settings: CorsSettings, theirs: StarletteSettings):
     return None
 
 
+def _scoped_flags(regex: str) -> str:
+    """``(?i)abc`` -> ``(?i:abc)``: Python only takes global flags at the very start,
+    so a regex that is to become one alternative of several scopes them."""
+    m = re.match(r"\(\?([aiLmsux]+)\)", regex)
+    return f"(?{m.group(1)}:{regex[m.end() :]})" if m else regex
+
+
 def _subdomain_patterns(settings: CorsSettings, theirs: StarletteSettings):
     patterns = [o for o in settings.allow_origins if o != "*" and "://*." in o]
     if not patterns:
@@ -299,7 +306,7 @@ def _subdomain_patterns(settings: CorsSettings, theirs: StarletteSettings):
     kwargs["allow_origins"] = [o for o in kwargs["allow_origins"] if o not in patterns]
     alternatives = [pattern_regex(p) for p in patterns]
     if kwargs["allow_origin_regex"]:
-        alternatives.append(kwargs["allow_origin_regex"])
+        alternatives.append(_scoped_flags(kwargs["allow_origin_regex"]))
     kwargs["allow_origin_regex"] = "|".join(f"(?:{a})" for a in alternatives)
     return replace(theirs, kwargs=kwargs)
 
