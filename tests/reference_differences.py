@@ -725,8 +725,8 @@ DIFFERENCES: tuple[Difference, ...] = (
     Difference(
         "UPSTREAM_CORS_HEADERS_REMOVED",
         "`Access-Control-*` headers the upstream sends are removed; the proxy's own are the "
-        "only ones. Starlette keeps the app's headers, so e.g. the upstream's ACAO reaches a "
-        "denied origin, or sits next to a not-configured ACEH.",
+        "only ones. Starlette keeps the app's headers wherever it sets none of its own, so "
+        "e.g. the upstream's ACAO reaches an origin the policy denies.",
         "Two ACAO headers fail in the browser even when equal, and an upstream's ACAO would "
         "bypass the policy (cors-rules.md: Kong #259, ingress-nginx #2138). Shown here with "
         "an inner app that sets its own CORS headers; the proxy tests check it on the wire.",
@@ -772,7 +772,8 @@ DIFFERENCES: tuple[Difference, ...] = (
     Difference(
         "DENIED_PREFLIGHT_GETS_NO_CORS_HEADERS",
         "A denied preflight (400) carries `Vary` and no `Access-Control-*` header; Starlette's "
-        "400 still carries ACAM, ACAH, ACMA, ACAC and, when the origin passed, ACAO.",
+        "400 carries what an allowed answer would (ACAM, ACMA, ACAH/ACAC/ACAPN as configured, "
+        "ACAO when the origin passed).",
         "A browser fails any preflight without an ok status (Fetch, CORS-preflight fetch), so "
         "those headers serve nobody, and they advertise the policy to every origin that asks "
         "(issue 2).",

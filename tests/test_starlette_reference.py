@@ -35,9 +35,11 @@ import atexit
 import difflib
 import json
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -651,6 +653,21 @@ def test_every_difference_is_exercised_and_needed(difference):
     )
 
 
+def test_an_unlisted_difference_fails_with_a_diff(monkeypatch):
+    """The comparison is not blind: a header corsproxy would add that Starlette does
+    not send, on no list, fails and the report shows both sides."""
+    real = corsproxy_observe
+
+    def with_extra_header(router, view):
+        return real(router, view).with_header("Access-Control-Max-Age", "1")
+
+    monkeypatch.setattr(sys.modules[__name__], "corsproxy_observe", with_extra_header)
+    result = compare({"cors": {"allow_origins": [_APP]}}, "GET", "/", [("Origin", _APP)])
+    assert result.problem == "corsproxy and Starlette differ"
+    assert "+Access-Control-Max-Age: 1" in result.report()
+    assert " Access-Control-Allow-Origin: https://app.example.com" in result.report()
+
+
 def test_star_with_credentials_witness_shows_starlette_echoing_null():
     difference = next(d for d in DIFFERENCES if d.name == "STAR_WITH_CREDENTIALS_REFUSED")
     result = _witness(difference)
@@ -684,3 +701,17 @@ def test_differences_render_as_a_markdown_list():
         for text_ in (d.summary, d.reason):
             assert text_.strip() == text_ and text_.endswith((".", ")")), text_
             assert "\n" not in text_, f"{d.name}: one line each"
+
+
+def test_readme_carries_the_current_list_once_it_has_the_section():
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    rendered = render_markdown()
+    if rendered.splitlines()[0] not in readme:
+        pytest.skip(
+            "README.md has no Starlette migration list yet "
+            "(python tests/reference_differences.py prints it)"
+        )
+    assert rendered in readme, (
+        "README.md's list of differences from Starlette is out of date; replace it with the "
+        "output of: python tests/reference_differences.py"
+    )
