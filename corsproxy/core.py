@@ -23,15 +23,12 @@ import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
-try:  # google-re2: linear time, so an origin regex can't be turned into a ReDoS.
-    import re2 as _re2
+import re2 as _re2  # google-re2: linear-time matching, so no origin regex is a ReDoS
 
-    _RE2_OPTIONS = _re2.Options()
-    _RE2_OPTIONS.log_errors = False
-except ImportError:  # pragma: no cover - re2 is a declared dependency
-    _re2 = None
+_RE2_OPTIONS = _re2.Options()
+_RE2_OPTIONS.log_errors = False
 
 __all__ = [
     "ACTUAL_VARY",
@@ -76,6 +73,7 @@ MAX_REQUEST_HEADER_NAMES = 256
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # One or more DNS-ish labels, lower case only (browsers serialize hosts lower-cased).
 _LABELS = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?)*")
+_VISIBLE = re.compile(r"[!-~]+")
 _DEFAULT_PORTS = {"http": "80", "https": "443", "ws": "80", "wss": "443"}
 
 
@@ -131,46 +129,29 @@ def parse_header_list(lines: Iterable[str]) -> tuple[list[str], str | None]:
 class OriginRegex:
     """``allow_origin_regex`` compiled for full-match (Starlette uses ``re.fullmatch``).
 
-    RE2 (linear time) when the pattern is in its syntax; Python ``re`` otherwise
-    (look-arounds, back-references), still guarded by :data:`MAX_ORIGIN_LENGTH`.
-    ``engine`` says which, so ``corsproxy check`` can warn.
+    Compiled with RE2, whose matching time is linear in the input: the regex runs
+    on unauthenticated input, and Python ``re`` backtracks exponentially on
+    patterns like ``(a+)+`` (ReDoS). Patterns outside RE2's syntax (look-arounds,
+    back-references) are refused with ``re.error`` rather than run on ``re``.
+    Callers only pass visible-ASCII origins (see ``CorsPolicy.match_origin``).
     """
 
     __slots__ = ("pattern", "engine", "fullmatch")
 
     def __init__(self, pattern: str) -> None:
         self.pattern = pattern
-        compiled = None
-        if _re2 is not None:
-            try:
-                compiled = _re2.compile(pattern, _RE2_OPTIONS)
-                self.engine = "re2"
-            except Exception:  # re2 raises its own error type for unsupported syntax
-                compiled = None
-        if compiled is None:
-            compiled = re.compile(pattern)  # re.error propagates: an invalid regex
-            self.engine = "re"
-            self.fullmatch = compiled.fullmatch
-        else:
-            self.fullmatch = _utf8_only(compiled.fullmatch)
-
-
-def _utf8_only(fullmatch):
-    """Wrap an RE2 ``fullmatch`` so a value that is not valid UTF-8 is a non-match.
-
-    aiohttp decodes header bytes with ``surrogateescape``, so an Origin holding a
-    non-UTF-8 byte arrives with lone surrogates, which RE2 refuses to encode
-    (``UnicodeEncodeError``). Such a value is no browser origin; it must be denied,
-    not crash the request.
-    """
-
-    def guarded(value: str):
+        self.engine = "re2"
+        re.compile(pattern)  # re.error for a pattern that is invalid anywhere
         try:
-            return fullmatch(value)
-        except UnicodeEncodeError:
-            return None
-
-    return guarded
+            compiled = _re2.compile(pattern, _RE2_OPTIONS)
+        except Exception as exc:  # re2 raises its own error type
+            detail = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else exc
+            raise re.error(
+                f"RE2 cannot run this pattern ({detail}); corsproxy needs linear-time "
+                f"matching on untrusted Origin values, so look-arounds and back-references "
+                f"are not supported: rewrite the pattern without them"
+            ) from None
+        self.fullmatch = compiled.fullmatch
 
 
 def compile_origin_regex(pattern: str) -> OriginRegex:
@@ -198,7 +179,7 @@ class CorsSettings:
     enforce: bool = False
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     """What kind of request the decision is about."""
 
     PREFLIGHT = "preflight"
@@ -338,9 +319,12 @@ class CorsPolicy:
             return 'allow_origins "*"'
         if origin in self._exact:
             return "allow_origins"
-        if len(origin) > MAX_ORIGIN_LENGTH or origin == "null":
+        if len(origin) > MAX_ORIGIN_LENGTH or origin == "null" or not _VISIBLE.fullmatch(origin):
             # "null" (every sandboxed/opaque origin) only matches when listed
             # explicitly (issue 2), never through a loose allow_origin_regex.
+            # Patterns and the regex only see visible ASCII (a serialized origin
+            # is ASCII: hosts are punycoded), so a loose regex never echoes
+            # control or non-ASCII characters into ACAO.
             return None
         for entry, prefix, suffix in self._patterns:
             if (
@@ -378,7 +362,9 @@ class CorsPolicy:
         origin = req.origin[0]
         if len(req.origin) > 1:
             failed.append("origin")
-            reasons.append(f"origin: the request has {len(req.origin)} Origin headers; one is allowed")
+            reasons.append(
+                f"origin: the request has {len(req.origin)} Origin headers; one is allowed"
+            )
         else:
             rule = self.match_origin(origin)
             if rule is None:
@@ -447,7 +433,15 @@ class CorsPolicy:
             )
         headers.extend(self._static_preflight)
         return Decision(
-            Kind.PREFLIGHT, True, 200, tuple(headers), PREFLIGHT_VARY, tuple(reasons), (), route, "OK"
+            Kind.PREFLIGHT,
+            True,
+            200,
+            tuple(headers),
+            PREFLIGHT_VARY,
+            tuple(reasons),
+            (),
+            route,
+            "OK",
         )
 
     def actual(self, req: RequestView, route: str | None) -> Decision:
@@ -484,14 +478,18 @@ class CorsPolicy:
 
     def _refused(self, req: RequestView, route: str | None, reason: str, origin: str) -> Decision:
         if not self.settings.enforce:
-            return Decision(Kind.ACTUAL, False, None, (), ACTUAL_VARY, (reason,), ("origin",), route)
+            return Decision(
+                Kind.ACTUAL, False, None, (), ACTUAL_VARY, (reason,), ("origin",), route
+            )
         where = f"routes[path={route}].cors" if route is not None else "cors"
         body = (
             f"Forbidden: cross-origin request from origin {_show(origin)} refused by corsproxy "
             f"(enforce: true).\n{reason}\n"
             f"To allow it, add the origin to {where}.allow_origins in the proxy's config.\n"
         )
-        return Decision(Kind.ACTUAL, False, 403, (), ACTUAL_VARY, (reason,), ("origin",), route, body)
+        return Decision(
+            Kind.ACTUAL, False, 403, (), ACTUAL_VARY, (reason,), ("origin",), route, body
+        )
 
 
 def _same_origin(origin: str, req: RequestView) -> bool:
@@ -541,7 +539,9 @@ class Router:
         """The decision for one request. Never raises on any header values."""
         if not req.origin:
             route, _ = self.select(req.path) if self.routes else (None, None)
-            return Decision(Kind.NOT_CORS, True, None, (), ACTUAL_VARY, _NOT_CORS_REASONS, (), route)
+            return Decision(
+                Kind.NOT_CORS, True, None, (), ACTUAL_VARY, _NOT_CORS_REASONS, (), route
+            )
         route, policy = self.select(req.path) if self.routes else (None, self.default)
         if req.method == "OPTIONS" and req.request_method is not None:
             return policy.preflight(req, route)

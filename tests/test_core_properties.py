@@ -49,7 +49,7 @@ ORIGIN_ENTRIES = [
 ]
 REGEXES = [
     None, r"https://[a-z]+\.example\.org", r"https://(a+)+\.example\.com", r".*",
-    r"https://app\.example\.org|http://localhost:\d+", r"(?=https)https://[a-z.]+",
+    r"https://app\.example\.org|http://localhost:\d+", r"https://[a-z.]+",
 ]
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "patch", "DELETE", "*"]
 HEADER_NAMES = ["X-Api-Key", "Authorization", "content-type", "x-a", "*"]
@@ -233,9 +233,10 @@ def test_regex_is_a_full_match_not_prefix_or_suffix(before, after):
 def test_regex_agrees_with_python_fullmatch(pattern, origin):
     router = Router(CorsPolicy(CorsSettings(allow_origin_regex=pattern)))
     assume(len(origin) <= MAX_ORIGIN_LENGTH and origin != "null")
-    assume(not any(0xD800 <= ord(c) <= 0xDFFF for c in origin))  # not valid UTF-8: denied
     assume("(a+)+" not in pattern)  # Python re would take exponential time as oracle
-    expected = re.fullmatch(pattern, origin) is not None
+    # Only visible ASCII reaches the regex (a serialized origin is ASCII); the rest is denied.
+    visible = re.fullmatch(r"[!-~]+", origin) is not None
+    expected = visible and re.fullmatch(pattern, origin) is not None
     assert router.decide(RequestView("GET", origin=(origin,))).allowed == expected
 
 
