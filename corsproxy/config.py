@@ -264,6 +264,8 @@ def _check_regex(value: str | None) -> str | None:
     try:
         compile_origin_regex(value)
     except re.error as e:
+        if str(e).startswith("RE2 "):  # valid for Python re, refused by the core: says why
+            raise _fail(f"{json.dumps(value)}: {e}") from None
         raise _fail(
             f"{json.dumps(value)} is not a valid regular expression ({e}); fix the pattern, "
             r'e.g. "https://[a-z0-9-]+\.example\.com" (it must match the whole origin)'
@@ -934,7 +936,7 @@ def _policy_warnings(
     regex = written.get("allow_origin_regex")
     if isinstance(regex, str) and regex:
         compiled = compile_origin_regex(regex)
-        if compiled.engine == "re":
+        if getattr(compiled, "engine", "re2") == "re":
             out.append(
                 (
                     (*where, "allow_origin_regex"),

@@ -22,6 +22,7 @@ import pytest
 from aiohttp import web
 
 from corsproxy import __version__
+from corsproxy.cli import main
 from corsproxy.config import config_json_schema
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,20 +115,40 @@ def test_installed_command_is_the_same_program():
         "url_and_config_together",
     ],
 )
-def test_bad_arguments_exit_2(args):
-    result = corsproxy(*args)
-    assert result.returncode == 2
-    assert result.stdout == ""
-    assert "usage: corsproxy" in result.stderr
+def test_bad_arguments_exit_2(args, capsys):
+    # argparse needs no process of its own: main() in-process keeps this fast; the
+    # subprocess tests below cover `python -m corsproxy` itself.
+    assert main(list(args)) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "usage: corsproxy" in err
+    assert "Traceback" not in err
+
+
+def test_bad_arguments_exit_2_in_a_real_process():
+    result = corsproxy("run", "--port", "http")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.endswith(
+        "corsproxy run: error: argument --port: 'http' is not a port number\n"
+    )
     assert_no_traceback(result)
 
 
 @pytest.mark.parametrize("command", ["check", "explain", "run"])
-def test_missing_config_without_env_exits_2(command):
-    result = corsproxy(command)
-    assert result.returncode == 2
+def test_missing_config_without_env_exits_2(command, capsys, monkeypatch):
+    monkeypatch.delenv("CORSPROXY_CONFIG", raising=False)
+    assert main([command]) == 2
+    assert capsys.readouterr() == (
+        "",
+        f"corsproxy {command}: no config file: pass --config FILE or set CORSPROXY_CONFIG\n",
+    )
+
+
+def test_missing_config_in_a_real_process():
+    result = corsproxy("check")
+    assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr == (
-        f"corsproxy {command}: no config file: pass --config FILE or set CORSPROXY_CONFIG\n"
+        "corsproxy check: no config file: pass --config FILE or set CORSPROXY_CONFIG\n"
     )
 
 
