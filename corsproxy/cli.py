@@ -205,19 +205,15 @@ def _policy_lines(s: CorsSettings, base: CorsSettings | None = None) -> list[str
         ("allow_origin_regex", s.allow_origin_regex or "(none)"),
         (
             "allow_methods",
-            (
-                "any method (the requested one is echoed)"
-                if "*" in s.allow_methods
-                else _list(s.allow_methods) + "  (GET, HEAD and POST always)"
-            ),
+            "any method (the requested one is echoed)"
+            if "*" in s.allow_methods
+            else _list(s.allow_methods),
         ),
         (
             "allow_headers",
-            (
-                "any header (the requested names are echoed)"
-                if "*" in s.allow_headers
-                else _list(s.allow_headers) + f"  ({safelisted} always)"
-            ),
+            "any header (the requested names are echoed)"
+            if "*" in s.allow_headers
+            else f"{_list(s.allow_headers)}  (plus {safelisted})",
         ),
         ("allow_credentials", str(s.allow_credentials).lower()),
         ("expose_headers", _list(s.expose_headers)),

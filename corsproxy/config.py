@@ -467,8 +467,8 @@ class CorsModel(BaseModel):
     )
     allow_methods: MethodList = Field(
         default=["GET"],
-        description="Methods a preflight may ask for (case-sensitive; GET, HEAD and POST are "
-        'always allowed); "*" allows any method.',
+        description="Methods a preflight may ask for, compared case-sensitively; "
+        '"*" allows any method. (Simple GET, HEAD and POST requests send no preflight.)',
         examples=[["GET", "POST", "PUT", "DELETE"]],
     )
     allow_headers: HeaderList = Field(
