@@ -28,8 +28,24 @@ Choices, documented once here:
   written in the route; everything else is inherited.
 - Duplicate keys in one YAML mapping are an error (YAML would silently keep the
   last one), as is a second route with the same path (a trailing slash is ignored).
+- Types are strict: ``allow_credentials: "true"`` (quoted) is a string, not a
+  boolean. An unquoted ``null`` in ``allow_origins`` is YAML's null, so the error
+  asks for ``"null"`` in quotes.
+- Messages are sorted in file order (by the position of the key or item they are
+  about); problems with no position (a missing key, a ``--upstream`` override)
+  come first.
+- Origins must be written the way browsers serialise them (lower case, no path
+  or trailing slash, no default port), because matching is byte-exact; the error
+  proposes the corrected value.
+- ``upstream.url``: http or https, a host, an optional base path; no query,
+  fragment or user:password (nothing would forward them meaningfully).
+- ``listen.host`` is an address only: no scheme, no port, no IPv6 brackets.
 - Warnings (risky but legal settings) never stop loading; they are returned in
-  :attr:`Config.warnings` and printed by ``corsproxy check``.
+  :attr:`Config.warnings` (and :attr:`ConfigError.warnings`) and printed by
+  ``corsproxy check``: ``"null"`` in allow_origins, ``max_age`` over 7200, a regex
+  that only Python ``re`` can run or that matches any origin, ``"*"`` in
+  expose/allow headers or methods with credentials, a lower-case standard method,
+  no origin allowed at all, no upstream URL.
 """
 
 from __future__ import annotations
