@@ -382,13 +382,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         port=args.port,
         require_upstream=True,
     )
-    for w in config.warnings:
-        _err(f"warning: {w}")
     try:
+        from .logs import event_line
         from .server import run_server
     except ModuleNotFoundError as e:
         _err(f"corsproxy run: the proxy server is not available ({e}); reinstall corsproxy")
         return 1
+    for w in config.warnings:  # in the log's own format, before the server's first line
+        _err(event_line(args.log_format, "config-warning", f"warning: {w}"))
     return run_server(config, log_format=args.log_format)
 
 
