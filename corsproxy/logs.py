@@ -34,33 +34,45 @@ ACCESS_LOGGER = logging.getLogger("corsproxy.access")
 SERVER_LOGGER = logging.getLogger("corsproxy.server")
 
 
+_second: list[Any] = [-1, ""]  # (whole second, its formatted prefix): one strftime a second
+
+
 def _now() -> str:
     t = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+    whole = int(t)
+    if whole != _second[0]:
+        _second[0], _second[1] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    return f"{_second[1]}.{int((t - whole) * 1000):03d}Z"
+
+
+# Characters that make a text value need quoting: space, quote, backslash, "=",
+# and anything not printable (a value must never break the line or fake a field).
+_PLAIN = frozenset(chr(c) for c in range(0x21, 0x7F)) - frozenset(' "=\\')
 
 
 def _text_value(value: str) -> str:
     """A value for a text line: bare when it is one plain word, JSON-quoted otherwise."""
-    if value and value.isprintable() and not any(c in value for c in ' "=\\'):
+    if value and _PLAIN.issuperset(value):
         return value
     return json.dumps(value)
 
 
 def access_line(log_format: str, fields: dict[str, Any]) -> str:
-    """Render one request's fields (see :class:`corsproxy.server` for the keys)."""
+    """Render one request's fields (see :func:`corsproxy.server._log_access` for the keys)."""
     if log_format == "json":
-        return json.dumps({"time": _now(), **fields}, ensure_ascii=False)
-    head = (
-        f"{_now()} {fields.get('client') or '-'} {_text_value(fields['method'])} "
-        f"{_text_value(fields['path'])} {fields['status'] or '-'}"
-    )
-    parts = [head]
+        return json.dumps({"time": _now(), **fields})
+    parts = [
+        _now(),
+        fields["client"] or "-",
+        _text_value(fields["method"]),
+        _text_value(fields["path"]),
+        str(fields["status"] or "-"),
+    ]
     for key in ("origin", "cors", "route", "upstream_ms", "ms", "error", "reason"):
-        value = fields.get(key)
-        if value is None:
-            continue
-        parts.append(f"{key}={value}" if isinstance(value, int | float) else
-                     f"{key}={_text_value(str(value))}")
+        value = fields[key]
+        if value is not None:
+            parts.append(f"{key}={value}" if isinstance(value, int | float) else
+                         f"{key}={_text_value(value)}")
     return " ".join(parts)
 
 
