@@ -80,7 +80,7 @@ def event_line(log_format: str, event: str, message: str, **fields: Any) -> str:
     """A line that is not about one request (start, stop, parse errors)."""
     if log_format == "json":
         return json.dumps(
-            {"time": _now(), "event": event, "message": message, **fields}, ensure_ascii=False
+            {"time": _now(), "event": event, "message": message, **fields}
         )
     return f"{_now()} {message}"
 
