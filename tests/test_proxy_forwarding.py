@@ -502,3 +502,24 @@ async def test_a_pooled_connection_closed_by_the_upstream_is_retried_for_get(
     post = await http.request("POST", proxy.url + "/3", data=b"body")
     assert post.status == 502  # a request with a body is never retried
     assert b"closed the connection without a response" in post.body
+
+
+async def test_an_early_upstream_answer_before_the_body_is_read_reaches_the_client(
+    raw_upstream, make_proxy, http
+):
+    # An upstream that refuses an upload from its headers alone (e.g. 401), then
+    # reads and discards the body before closing (a lingering close, as servers do).
+    async def refuse(head, reader, writer):
+        writer.write(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 7\r\nConnection: close\r\n"
+                     b"\r\nsign in")
+        await writer.drain()
+        await reader.readexactly(4 * MIB)
+
+    up = await raw_upstream(refuse)
+    proxy = await make_proxy(cors=POLICY, upstream_url=up.url)
+    result = await http.request(
+        "PUT", proxy.url + "/upload", {"Origin": APP}, data=b"u" * (4 * MIB)
+    )
+    assert result.status == 401
+    assert result.body == b"sign in"
+    assert result.cors == ALLOWED
