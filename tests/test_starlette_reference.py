@@ -24,8 +24,12 @@ What is expressible in Starlette, and how:
   ``ENFORCE_REJECTS_DENIED_ORIGINS``, so those cases are compared too.
 - Subdomain patterns are handed to Starlette as the equivalent regex
   (``SUBDOMAIN_PATTERNS``).
-- A policy corsproxy refuses at config load (``*`` with credentials) is compared
-  as "refused" (``STAR_WITH_CREDENTIALS_REFUSED``).
+- A policy corsproxy refuses at config load (``*`` with credentials, a regex RE2
+  can't run) is compared as "refused" (``STAR_WITH_CREDENTIALS_REFUSED``,
+  ``ORIGIN_REGEX_ON_RE2``).
+- Starlette matches ``allow_origin_regex`` with its own Python ``re``, except for
+  patterns with nested quantifiers, which ``re`` may never finish on: those are
+  matched with RE2 on the Starlette side too (``ORIGIN_REGEX_ON_RE2``).
 """
 
 from __future__ import annotations
@@ -451,7 +455,13 @@ REGEXES: dict[str | None, tuple[list[str], list[str]]] = {
     ),
     r"https://.*\.example\.com": (
         ["https://x.example.com", "https://x/y.example.com"],
-        ["https://.example.com", "https://" + "b" * 290 + ".example.com"],
+        [
+            "https://.example.com",
+            "https://" + "b" * 290 + ".example.com",
+            "https://x y.example.com",
+            "https://\xe9.example.com",
+            "https://x\t.example.com",
+        ],
     ),
     r"https://\w+\.example\.net|http://127\.0\.0\.1:[0-9]{2,5}": (
         ["https://abc.example.net", "https://a_1.example.net", "http://127.0.0.1:8000"],
@@ -651,6 +661,42 @@ def test_every_difference_is_exercised_and_needed(difference):
     assert without.problem is not None, (
         f"{difference.name} is not needed on its own witness:\n{without.report()}"
     )
+
+
+def test_a_backtracking_regex_is_compared_with_re2_on_both_sides():
+    """The swap branch of ORIGIN_REGEX_ON_RE2 (its witness shows the refusal branch):
+    `(a+)+` on a long non-matching origin, which Python `re` would not finish."""
+    origin = "https://" + "a" * 250 + "!"
+    result = compare(
+        {"cors": {"allow_origin_regex": r"https://(a+)+\.example\.com"}},
+        "GET",
+        "/",
+        [("Origin", origin)],
+    )
+    assert_agree(result)
+    assert "ORIGIN_REGEX_ON_RE2" in result.applied
+
+
+@pytest.mark.filterwarnings("ignore:Possible nested set:FutureWarning")
+@pytest.mark.xfail(
+    strict=True,
+    reason="reported corsproxy bug: RE2 and Python re read these patterns differently and "
+    "corsproxy neither refuses them nor says so (see the Starlette-reference report)",
+)
+@pytest.mark.parametrize(
+    ("regex", "origin"),
+    [
+        # Python re: `{,8}` is "0 to 8 times"; RE2: the literal text "{,8}".
+        (r"https://[a-z]{,8}\.example\.com", "https://app.example.com"),
+        # Python re: a set of "[:alph" then a literal "]"; RE2: the POSIX class.
+        (r"https://[[:alpha:]]+\.example\.com", "https://app.example.com"),
+    ],
+    ids=["open_lower_bound", "posix_class"],
+)
+def test_a_regex_means_what_it_means_in_starlette_or_is_refused(regex, origin):
+    result = compare({"cors": {"allow_origin_regex": regex}}, "GET", "/", [("Origin", origin)])
+    refused = (result.problem or "").startswith("corsproxy refused the policy")
+    assert result.problem is None or refused, result.report()
 
 
 def test_an_unlisted_difference_fails_with_a_diff(monkeypatch):
