@@ -29,7 +29,8 @@ from pathlib import Path
 import yaml
 from aiohttp import web
 from multidict import CIMultiDict
-from wiretap import Exchange, WireTap
+
+from .wiretap import Exchange, WireTap
 
 HERE = Path(__file__).resolve().parent
 PAGE_HTML = (HERE / "page.html").read_text(encoding="utf-8")

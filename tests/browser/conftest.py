@@ -1,6 +1,7 @@
 """Fixtures for the real-browser suite (``python -m pytest -m browser``).
 
-- ``browser_world`` (session): one Chromium, the page server, the recording upstream.
+- ``browser_world`` (package scope): one Chromium, the page server, the recording
+  upstream; started for the first browser test, stopped after the last one.
 - ``tab``: a fresh browser context and page per test.
 - ``start_proxy``: starts ``python -m corsproxy run`` with a per-test policy.
 
@@ -11,14 +12,10 @@ Playwright is a failure with a message saying how to install it.
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from browser_harness import CHROMIUM, ProxyProcess, Tab, World  # noqa: E402
+from .browser_harness import CHROMIUM, ProxyProcess, Tab, World
 
 
 def _unavailable(why: str) -> None:
@@ -27,8 +24,9 @@ def _unavailable(why: str) -> None:
     pytest.skip(why)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser_world():
+    """Chromium and the servers, shared by the browser tests, stopped after the last one."""
     if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
         _unavailable(
             f"Chromium not found at {CHROMIUM}; install it with `apt-get install -y chromium` "

@@ -9,7 +9,8 @@ the proxy; what reached the API from the recording upstream.
 from __future__ import annotations
 
 import pytest
-from browser_harness import free_port
+
+from .browser_harness import free_port
 
 pytestmark = pytest.mark.browser
 

@@ -8,7 +8,8 @@ sends that genuine ``Origin``; nothing is forged.
 from __future__ import annotations
 
 import pytest
-from browser_harness import COOKIE
+
+from .browser_harness import COOKIE
 
 pytestmark = pytest.mark.browser
 
