@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -126,6 +127,22 @@ def parse_header_list(lines: Iterable[str]) -> tuple[list[str], str | None]:
     return names, None
 
 
+#: Constructs valid in both engines that mean different things: the pattern must
+#: mean in corsproxy what it meant under Starlette's ``re.fullmatch``, or be refused.
+_RE2_DIVERGENT = (
+    (
+        re.compile(r"(?<!\\)\{,\d"),
+        "'{,n}' means 0 to n repeats in Python re but the literal text '{,n}' in RE2: "
+        "write '{0,n}'",
+    ),
+    (
+        re.compile(r"\[:\^?[a-z]+:\]"),
+        "'[:name:]' inside a set is a POSIX class in RE2 but plain characters in Python "
+        "re: write the characters out, e.g. '[a-zA-Z]' for '[[:alpha:]]'",
+    ),
+)
+
+
 class OriginRegex:
     """``allow_origin_regex`` compiled for full-match (Starlette uses ``re.fullmatch``).
 
@@ -141,7 +158,12 @@ class OriginRegex:
     def __init__(self, pattern: str) -> None:
         self.pattern = pattern
         self.engine = "re2"
-        re.compile(pattern)  # re.error for a pattern that is invalid anywhere
+        for construct, meaning in _RE2_DIVERGENT:
+            if construct.search(pattern):
+                raise re.error(meaning)
+        with warnings.catch_warnings():  # re's FutureWarnings are not for the user
+            warnings.simplefilter("ignore")
+            re.compile(pattern)  # re.error for a pattern that is invalid anywhere
         try:
             compiled = _re2.compile(pattern, _RE2_OPTIONS)
         except Exception as exc:  # re2 raises its own error type

@@ -243,3 +243,15 @@ def test_bodies_stay_small_on_huge_inputs():
     r = router(enforce=True)
     assert len(r.decide(preflight(huge, huge, [huge], huge)).body) < 1000
     assert len(r.decide(RequestView("GET", "/", (huge, huge))).body) < 1000
+
+
+@pytest.mark.parametrize(
+    ("pattern", "fix"),
+    [
+        (r"https://[a-z]{,8}\.example\.com", "write '{0,n}'"),
+        (r"https://[[:alpha:]]+\.example\.com", "write the characters out"),
+    ],
+)
+def test_regex_that_means_something_else_in_re2_is_refused(pattern, fix):
+    with pytest.raises(re.error, match=re.escape(fix)):
+        compile_origin_regex(pattern)

@@ -683,11 +683,6 @@ def test_a_backtracking_regex_is_compared_with_re2_on_both_sides():
 
 
 @pytest.mark.filterwarnings("ignore:Possible nested set:FutureWarning")
-@pytest.mark.xfail(
-    strict=True,
-    reason="reported corsproxy bug: RE2 and Python re read these patterns differently and "
-    "corsproxy neither refuses them nor says so (see the Starlette-reference report)",
-)
 @pytest.mark.parametrize(
     ("regex", "origin"),
     [
