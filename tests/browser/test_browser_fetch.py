@@ -64,7 +64,13 @@ def test_the_proxy_port_itself_serves_the_same_answer_as_through_the_tap(
 def test_denied_origin_is_a_type_error_but_the_request_still_reached_upstream(
     world, upstream, tab, start_proxy, method
 ):
-    proxy = start_proxy(cors={"allow_origins": ["http://trusted.test"]})
+    proxy = start_proxy(
+        cors={
+            "allow_origins": ["http://trusted.test"],
+            "allow_credentials": True,
+            "expose_headers": ["X-Total"],
+        }
+    )
     tab.open(world.page_origin())
 
     init = {"method": method}
@@ -80,6 +86,8 @@ def test_denied_origin_is_a_type_error_but_the_request_still_reached_upstream(
     assert ex.response.vary() == ACTUAL_VARY
     seen = only(upstream.requests("/denied"))
     assert seen.method == method
+    record = only(proxy.access_records("/denied", 1))
+    assert (record["status"], record["cors"]) == (200, "denied")
     if method == "POST":
         assert seen.body == b"a=1"
 
@@ -102,6 +110,8 @@ def test_with_enforce_a_denied_origin_never_reaches_upstream(
     assert ex.response.cors_header_dict() == {}
     assert ex.response.vary() == ACTUAL_VARY
     assert upstream.requests("/enforced") == []
+    record = only(proxy.access_records("/enforced", 1))
+    assert (record["status"], record["cors"]) == (403, "rejected")
 
 
 def test_put_with_a_custom_header_passes_after_a_preflight_the_upstream_never_sees(
@@ -261,6 +271,20 @@ def test_a_proxy_made_504_for_a_slow_upstream_is_readable_as_504(world, upstream
     ex = only(proxy.exchanges("/slow"))
     assert ex.response.cors_header_dict() == {"Access-Control-Allow-Origin": origin}
     assert only(upstream.requests("/slow")).get("Origin") == origin
+
+
+def test_an_upstream_acao_star_does_not_leak_past_a_denied_origin(
+    world, upstream, tab, start_proxy
+):
+    proxy = start_proxy(cors={"allow_origins": ["http://trusted.test"]})
+    tab.open(world.page_origin())
+
+    got = tab.fetch(proxy.url + "/dup-acao")  # the upstream says ACAO: * (twice)
+
+    assert (got.ok, got.error) == (False, "TypeError"), got
+    ex = only(proxy.exchanges("/dup-acao"))
+    assert ex.response.cors_header_dict() == {}
+    assert len(upstream.requests("/dup-acao")) == 1
 
 
 def test_two_acao_lines_from_the_upstream_are_replaced_so_fetch_succeeds(
