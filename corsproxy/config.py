@@ -952,16 +952,7 @@ def _policy_warnings(
     regex = written.get("allow_origin_regex")
     if isinstance(regex, str) and regex:
         compiled = compile_origin_regex(regex)
-        if getattr(compiled, "engine", "re2") == "re":
-            out.append(
-                (
-                    (*where, "allow_origin_regex"),
-                    "the pattern is not RE2 syntax, so it runs on Python re (backtracking; "
-                    "the Origin length is capped, but a pattern like (a+)+ can still be slow); "
-                    "rewrite it without look-arounds or back-references",
-                )
-            )
-        elif compiled.fullmatch("https://corsproxy-check.invalid"):
+        if compiled.fullmatch("https://corsproxy-check.invalid"):
             out.append(
                 (
                     (*where, "allow_origin_regex"),

@@ -153,11 +153,10 @@ class OriginRegex:
     Callers only pass visible-ASCII origins (see ``CorsPolicy.match_origin``).
     """
 
-    __slots__ = ("pattern", "engine", "fullmatch")
+    __slots__ = ("pattern", "fullmatch")
 
     def __init__(self, pattern: str) -> None:
         self.pattern = pattern
-        self.engine = "re2"
         for construct, meaning in _RE2_DIVERGENT:
             if construct.search(pattern):
                 raise re.error(meaning)

@@ -93,8 +93,10 @@ def test_star_with_credentials_is_refused_by_the_core_too():
         CorsPolicy(CorsSettings(allow_origins=("*",), allow_credentials=True))
 
 
-def test_regex_runs_on_re2():
-    assert compile_origin_regex(r"https://[a-z]+\.example\.com").engine == "re2"
+def test_regex_is_full_match_and_survives_a_backtracking_pattern():
+    assert compile_origin_regex(r"https://[a-z]+\.example\.com").fullmatch("https://a.example.com")
+    slow_in_re = compile_origin_regex(r"https://(a+)+\.example\.com")
+    assert slow_in_re.fullmatch("https://" + "a" * 200 + ".example.org") is None
 
 
 def test_regex_outside_re2_syntax_is_refused_with_the_reason():
