@@ -33,6 +33,9 @@ from multidict import CIMultiDict
 from .wiretap import Exchange, WireTap
 
 HERE = Path(__file__).resolve().parent
+#: The checkout under test: proxies start with this as working directory, so
+#: ``python -m corsproxy`` runs this tree's code wherever pytest was started from.
+REPO_ROOT = HERE.parent.parent
 PAGE_HTML = (HERE / "page.html").read_text(encoding="utf-8")
 CHROMIUM = os.environ.get("CORSPROXY_CHROMIUM", "/usr/bin/chromium")
 #: The flags the machine needs (no sandbox as root, no background traffic on a
@@ -285,7 +288,9 @@ class ProxyProcess:
         ]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+            self.proc = subprocess.Popen(
+                cmd, stdout=out, stderr=err, env=env, cwd=REPO_ROOT, stdin=subprocess.DEVNULL
+            )
         deadline = time.monotonic() + PROXY_START_TIMEOUT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
