@@ -924,6 +924,16 @@ _STAR_WITH_CREDENTIALS = {
 }
 _FETCH_UPPERCASED = ("DELETE", "GET", "HEAD", "OPTIONS", "POST", "PUT")
 
+#: Methods the proxy's HTTP parser (llhttp, inside aiohttp's server) accepts on a
+#: request line; it answers any other method (lower case included) with its own 400
+#: before corsproxy sees the request. tests/test_method_support.py checks this list
+#: against a live proxy, so it can't go stale.
+RECEIVABLE_METHODS = frozenset(
+    "ACL BIND CHECKOUT COPY DELETE GET HEAD LINK LOCK M-SEARCH MERGE MKACTIVITY "
+    "MKCALENDAR MKCOL MOVE NOTIFY OPTIONS PATCH POST PROPFIND PROPPATCH PURGE PUT QUERY "
+    "REBIND REPORT SEARCH SOURCE SUBSCRIBE TRACE UNBIND UNLINK UNLOCK UNSUBSCRIBE".split()
+)
+
 
 def _policy_warnings(
     where: Loc, written: dict[str, Any], merged: dict[str, Any]
@@ -974,6 +984,16 @@ def _policy_warnings(
                     (*where, "allow_methods", i),
                     f"{json.dumps(method)} never matches: fetch() sends {upper} in upper case "
                     f"and methods compare case-sensitively; write {upper}",
+                )
+            )
+        elif isinstance(method, str) and method != "*" and method not in RECEIVABLE_METHODS:
+            out.append(
+                (
+                    (*where, "allow_methods", i),
+                    f"{json.dumps(method)}: a preflight for it is answered, but the request "
+                    f"itself gets a 400 without CORS headers from the proxy's HTTP parser, "
+                    f"which only accepts registered methods (e.g. PATCH, PURGE, PROPFIND); "
+                    f"use one of those",
                 )
             )
     wrote_origins = "allow_origins" in written or "allow_origin_regex" in written
