@@ -437,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
             f"corsproxy benchmark: {len(plan)} measurements of {args.duration} s "
             f"(+{args.warmup} s warm-up), wrk -t{args.threads} -c{args.connections}, "
             f"about {estimate // 60} min {estimate % 60} s; one worker per server, "
-            f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}",
+            f"{os.cpu_count()} CPUs, load average before the run {os.getloadavg()[0]:.2f} "
+            "(well above 0: other processes share the CPUs, numbers will be low)",
             flush=True,
         )
         ports = start_servers(procs, run_dir, nginx, {t for t, _ in plan}, args)
@@ -461,10 +462,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kept {run_dir}", file=sys.stderr)
         else:
             shutil.rmtree(run_dir, ignore_errors=True)
-    print(
-        f"\nload average at the end: {os.getloadavg()[0]:.2f} (anything well above 0 means "
-        "other processes shared the CPUs; rerun on a quiet machine)\n"
-    )
+    print()
     print(tables(results, targets, paths))
     if args.json:
         raw = [{"target": t, "path": p, **r} for (t, p), r in results.items()]
