@@ -24,16 +24,16 @@ Request flow (one handler, :func:`_handle`, for every method and path):
 
 5. One log line per request (``corsproxy.logs``).
 
-One :class:`aiohttp.ClientSession` per app, opened and closed by ``cleanup_ctx``:
-a keep-alive pool, no cookie jar (one user's cookies must never reach another's
-request), no decompression (bodies pass byte for byte), no redirects followed,
-and none of aiohttp's default request headers.
+One :class:`~corsproxy.upstream.UpstreamPool` per app, opened and closed by
+``cleanup_ctx``: the proxy's own HTTP/1.1 client (keep-alive connections on asyncio
+protocols, llhttp's parser). It sends exactly the headers ``corsproxy.forwarding``
+computed, keeps no cookies, never decompresses (bodies pass byte for byte) and never
+follows redirects: none of that exists in it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 import signal
@@ -53,6 +53,18 @@ from .forwarding import (
     response_headers,
     upstream_request_headers,
 )
+from .upstream import (
+    ConnectError,
+    ConnectionFailed,
+    ConnectTimeout,
+    Disconnected,
+    InvalidResponse,
+    ResponseTimeout,
+    UpgradeResponse,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+)
 from .logs import ACCESS_LOGGER, LOG_FORMATS, SERVER_LOGGER, access_line, event_line, setup_logging
 
 if TYPE_CHECKING:
@@ -62,14 +74,10 @@ __all__ = ["build_app", "run_server", "serve"]
 
 log = logging.getLogger("corsproxy")
 
-#: Request headers aiohttp's client would add on its own; never sent unless the
-#: client sent them (Content-Type is added for streamed bodies).
-_SKIP_AUTO_HEADERS = (hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.USER_AGENT, hdrs.CONTENT_TYPE)
 #: Methods retried once on a fresh connection when a pooled keep-alive connection
 #: turns out to be closed by the upstream (the race every keep-alive pool has);
 #: only without a body, like nginx's proxy_next_upstream default.
 _RETRY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-_MAX_UPSTREAM_HEADER = 65536
 _TEXT = "text/plain; charset=utf-8"
 # Marks a forwarded response: headers aiohttp adds on its own that the upstream
 # did not send are taken out again just before the headers go out.
@@ -103,7 +111,7 @@ class _State:
         self.connect_timeout = config.upstream.connect_timeout
         self.timeout = config.upstream.timeout
         self.log_format = log_format
-        self.session: aiohttp.ClientSession | None = None
+        self.session: UpstreamPool | None = None
 
 
 STATE = web.AppKey("corsproxy_state", _State)
@@ -135,25 +143,12 @@ def build_app(config: Config, *, log_format: str = "text") -> web.Application:
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
-    state.session = aiohttp.ClientSession(
-        connector=connector,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        auto_decompress=False,
-        skip_auto_headers=_SKIP_AUTO_HEADERS,
-        timeout=aiohttp.ClientTimeout(
-            total=None,
-            connect=state.connect_timeout,
-            sock_connect=state.connect_timeout,
-            # aiohttp starts this clock once the request is fully sent and restarts
-            # it on every read: "no response headers within upstream.timeout", and
-            # the same bound on a silent upstream while the body streams.
-            sock_read=state.timeout,
-        ),
-        trust_env=False,
-        max_line_size=_MAX_UPSTREAM_HEADER,
-        max_field_size=_MAX_UPSTREAM_HEADER,
-        max_headers=512,
+    state.session = UpstreamPool(
+        state.target.url,
+        connect_timeout=state.connect_timeout,
+        # "No response headers within upstream.timeout" once the request is sent,
+        # and the same bound on a silent upstream while the body streams.
+        timeout=state.timeout,
     )
     try:
         yield
@@ -300,7 +295,7 @@ class _RequestBody:
                 return
             self.size += len(chunk)
             if limit is not None and self.size > limit:
-                # Raising here makes aiohttp drop the upstream connection mid-body,
+                # Raising here makes the upstream client drop the connection mid-body,
                 # so the upstream never sees a complete (truncated) request.
                 self.too_large = True
                 raise _BodyTooLarge
@@ -333,10 +328,8 @@ async def _forward(
         upstream_host=state.target.host,
         preserve_host=state.preserve_host,
     )
-    try:
-        url = state.target.url_for(target)
-    except ValueError as exc:
-        return _error(decision, entry, 400, f"request target {target!r} can't be forwarded: {exc}")
+    # The target goes upstream byte for byte (a fragment is never sent).
+    path = state.target.base_path + target.partition("#")[0]
 
     body: _RequestBody | None = None
     if request.body_exists:
@@ -345,28 +338,22 @@ async def _forward(
             request.writer.output_size = 0  # the response proper has not started
             entry.continued = True
         body = _RequestBody(request.content, limit)
-    session = state.session
-    assert session is not None
+    pool = state.session
+    assert pool is not None
     loop = asyncio.get_running_loop()
     sent = loop.time()
-    attempts = 2 if body is None and request.method in _RETRY_METHODS else 1
-    for attempt in range(attempts):
-        try:
-            upstream = await session.request(
-                request.method,
-                url,
-                headers=headers,
-                data=body.chunks() if body is not None else None,
-                allow_redirects=False,
-                compress=None,
-            )
-            break
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            if attempt + 1 < attempts and _is_reset(exc):
-                continue
-            return _upstream_error(decision, entry, state, body, exc)
-        except (TimeoutError, aiohttp.ClientError, _BodyTooLarge) as exc:
-            return _upstream_error(decision, entry, state, body, exc)
+    try:
+        upstream = await pool.request(
+            request.method,
+            path,
+            headers,
+            body.chunks() if body is not None else None,
+            retry=body is None and request.method in _RETRY_METHODS,
+        )
+    except UpstreamError as exc:
+        return _upstream_error(decision, entry, state, body, exc)
+    except ValueError as exc:
+        return _error(decision, entry, 400, f"request to {target!r} can't be forwarded: {exc}")
     entry.upstream_ms = round((loop.time() - sent) * 1000, 2)
     try:
         return await _stream_back(request, decision, upstream, entry)
@@ -374,14 +361,8 @@ async def _forward(
         upstream.release()
 
 
-def _is_reset(exc: BaseException) -> bool:
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return True
-    return getattr(exc, "errno", None) in (errno.ECONNRESET, errno.EPIPE)
-
-
 def _upstream_error(
-    decision: Decision, entry: _Log, state: _State, body: _RequestBody | None, exc: BaseException
+    decision: Decision, entry: _Log, state: _State, body: _RequestBody | None, exc: UpstreamError
 ) -> web.Response:
     """The proxy's answer when no upstream response came (502, 504, 413, 400)."""
     where = state.target.origin
@@ -396,40 +377,36 @@ def _upstream_error(
             decision, entry, 400,
             f"could not read the request body from the client: {describe_error(body.client_error)}",
         )
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+    if isinstance(exc, ConnectTimeout):
         return _error(
             decision, entry, 504,
             f"no connection to the upstream {where} within upstream.connect_timeout "
             f"({state.connect_timeout:g} s)",
         )
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, ResponseTimeout):
         return _error(
             decision, entry, 504,
             f"the upstream {where} sent no response headers within upstream.timeout "
             f"({state.timeout:g} s)",
         )
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return _error(
-            decision, entry, 502,
-            f"cannot connect to the upstream {where}: {describe_error(exc.os_error)}",
-        )
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
+    if isinstance(exc, ConnectError):
+        return _error(decision, entry, 502, f"cannot connect to the upstream {where}: {exc}")
+    if isinstance(exc, Disconnected):
         return _error(
             decision, entry, 502, f"the upstream {where} closed the connection without a response"
         )
-    if isinstance(exc, aiohttp.ClientOSError):
+    if isinstance(exc, ConnectionFailed):
+        return _error(decision, entry, 502, f"the connection to the upstream {where} failed: {exc}")
+    if isinstance(exc, UpgradeResponse):
         return _error(
             decision, entry, 502,
-            f"the connection to the upstream {where} failed: {describe_error(exc)}",
+            "the upstream switched protocols (101); corsproxy does not proxy upgrades",
         )
-    if isinstance(exc, aiohttp.ClientResponseError):
+    if isinstance(exc, InvalidResponse):
         return _error(
-            decision, entry, 502,
-            f"the upstream {where} sent an invalid HTTP response: {' '.join(exc.message.split())}",
+            decision, entry, 502, f"the upstream {where} sent an invalid HTTP response: {exc}"
         )
-    return _error(
-        decision, entry, 502, f"request to the upstream {where} failed: {describe_error(exc)}"
-    )
+    return _error(decision, entry, 502, f"request to the upstream {where} failed: {exc}")
 
 
 def describe_error(exc: BaseException) -> str:
@@ -441,31 +418,26 @@ def describe_error(exc: BaseException) -> str:
 
 
 async def _stream_back(
-    request: web.Request, decision: Decision, upstream: aiohttp.ClientResponse, entry: _Log
+    request: web.BaseRequest, decision: Decision, upstream: UpstreamResponse, entry: _Log
 ) -> web.StreamResponse:
-    if upstream.status == 101:
-        upstream.close()
-        return _error(
-            decision, entry, 502,
-            "the upstream switched protocols (101); corsproxy does not proxy upgrades",
-        )
     pairs = [(n.decode("latin-1"), v.decode("utf-8", "replace")) for n, v in upstream.raw_headers]
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
     response.headers.extend(response_headers(pairs, decision.headers, decision.vary))
-    strip = [n for n in (hdrs.CONTENT_TYPE, hdrs.SERVER) if n not in upstream.headers]
+    sent = {n.lower() for n, _ in pairs}
+    strip = [n for n in (hdrs.CONTENT_TYPE, hdrs.SERVER) if n.lower() not in sent]
     if strip:
         response[_STRIP_AUTO] = strip
     try:
         await response.prepare(request)
         entry.streaming = response
-        content = upstream.content
+        read = upstream.read
         while True:
             try:
-                chunk = await content.readany()
-            except (TimeoutError, aiohttp.ClientError) as exc:
+                chunk = await read()
+            except UpstreamError as exc:
                 # Too late for a status: cut the client connection so it sees an
                 # incomplete body instead of a clean (truncated) end.
-                entry.error = f"upstream failed while sending the body: {describe_error(exc)}"
+                entry.error = f"upstream failed while sending the body: {exc}"
                 upstream.close()
                 _abort(request, response)
                 return response

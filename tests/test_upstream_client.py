@@ -1,0 +1,880 @@
+"""corsproxy.upstream: the proxy's own HTTP/1.1 client, against hand-written upstreams.
+
+Every upstream here is a raw asyncio server on 127.0.0.1 that sends exact bytes, so
+framing edge cases (chunk extensions, trailers, HEAD with Content-Length, 1xx, 204/304,
+read-until-close, early and unsolicited responses, garbage) are what the client
+really gets. Each test records what the server received, byte for byte. Waits are
+bounded; nothing asserts on how long anything took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ssl
+import subprocess
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from corsproxy.upstream import (
+    BodyError,
+    ConnectError,
+    ConnectionFailed,
+    ConnectTimeout,
+    Disconnected,
+    InvalidResponse,
+    RequestBodyError,
+    ResponseTimeout,
+    UpgradeResponse,
+    UpstreamPool,
+    UpstreamResponse,
+)
+
+IO = 10.0  # bound on any single wait in these tests
+
+Handler = Callable[["Conn"], Awaitable[None]]
+
+
+class Conn:
+    """One accepted connection: helpers to read requests and write exact bytes."""
+
+    def __init__(self, server: RawServer, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+
+    async def head(self) -> bytes:
+        async with asyncio.timeout(IO):
+            head = await self.reader.readuntil(b"\r\n\r\n")
+        self.server.heads.append(head)
+        return head
+
+    async def body(self, head: bytes) -> bytes:
+        """The request body as framed by ``head`` (Content-Length or chunked)."""
+        lower = head.lower()
+        async with asyncio.timeout(IO):
+            if b"\r\ncontent-length:" in lower:
+                length = int(lower.split(b"\r\ncontent-length:")[1].split(b"\r\n")[0])
+                data = await self.reader.readexactly(length)
+            elif b"\r\ntransfer-encoding: chunked" in lower:
+                parts = []
+                while True:
+                    size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                    if size == 0:
+                        await self.reader.readuntil(b"\r\n")
+                        break
+                    parts.append(await self.reader.readexactly(size))
+                    await self.reader.readexactly(2)
+                data = b"".join(parts)
+            else:
+                data = b""
+        self.server.bodies.append(data)
+        return data
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+
+class RawServer:
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.heads: list[bytes] = []
+        self.bodies: list[bytes] = []
+        self.connections = 0
+        self.errors: list[BaseException] = []
+        self.server: asyncio.Server | None = None
+        self.url = ""
+        self.tasks: set[asyncio.Task] = set()
+
+    async def start(self, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.server = await asyncio.start_server(self._conn, "127.0.0.1", 0, ssl=ssl_context)
+        port = self.server.sockets[0].getsockname()[1]
+        self.url = f"{'https' if ssl_context else 'http'}://127.0.0.1:{port}"
+
+    async def _conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.tasks.add(asyncio.current_task())
+        try:
+            await self.handler(Conn(self, reader, writer))
+        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
+            pass
+        except Exception as exc:  # a broken test handler shows up in the test
+            self.errors.append(exc)
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.server.wait_closed()
+        assert not self.errors, self.errors
+
+
+@pytest.fixture
+async def serve():
+    started: list[RawServer] = []
+    pools: list[UpstreamPool] = []
+
+    async def start(handler: Handler, pool_kwargs: dict | None = None,
+                    ssl_context: ssl.SSLContext | None = None) -> tuple[RawServer, UpstreamPool]:
+        server = RawServer(handler)
+        await server.start(ssl_context)
+        started.append(server)
+        kwargs = {"connect_timeout": 5.0, "timeout": IO, **(pool_kwargs or {})}
+        pool = UpstreamPool(server.url, **kwargs)
+        pools.append(pool)
+        return server, pool
+
+    yield start
+    for pool in pools:
+        await pool.close()
+    for server in started:
+        await server.close()
+
+
+async def read_all(response: UpstreamResponse) -> bytes:
+    parts = []
+    async with asyncio.timeout(IO):
+        while chunk := await response.read():
+            parts.append(chunk)
+    return b"".join(parts)
+
+
+async def fetch(pool: UpstreamPool, method: str = "GET", target: str = "/",
+                headers: list[tuple[str, str]] | None = None, body=None, retry: bool = False
+                ) -> tuple[UpstreamResponse, bytes]:
+    async with asyncio.timeout(IO * 2):
+        response = await pool.request(method, target, headers or [("Host", "up")], body,
+                                      retry=retry)
+        try:
+            data = await read_all(response)
+        finally:
+            response.release()
+    return response, data
+
+
+def keep_alive_handler(responses: list[bytes]) -> Handler:
+    """Answer each request on a connection with the next of ``responses``."""
+
+    async def handle(conn: Conn) -> None:
+        for data in responses:
+            head = await conn.head()
+            await conn.body(head)
+            await conn.send(data)
+        await conn.reader.read()  # wait for the client to close
+
+    return handle
+
+
+def repeat_handler(data: bytes) -> Handler:
+    async def handle(conn: Conn) -> None:
+        while True:
+            head = await conn.head()
+            await conn.body(head)
+            await conn.send(data)
+
+    return handle
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+# -- requests on the wire --------------------------------------------------------
+
+
+async def test_request_head_is_sent_byte_exact(serve):
+    server, pool = await serve(repeat_handler(OK))
+    headers = [("Host", "up:1"), ("x-lower", "a"), ("X-Dup", "1"), ("X-Dup", "2"),
+               ("Authorization", "Bearer é")]
+    response, data = await fetch(pool, "GET", "/a%2Fb/../c?q=%20&x=a+b", headers)
+    assert (response.status, data) == (200, b"ok")
+    assert server.heads == [
+        b"GET /a%2Fb/../c?q=%20&x=a+b HTTP/1.1\r\nHost: up:1\r\nx-lower: a\r\nX-Dup: 1\r\n"
+        b"X-Dup: 2\r\nAuthorization: Bearer \xc3\xa9\r\n\r\n"
+    ]
+
+
+@pytest.mark.parametrize(("method", "added"), [
+    ("POST", b"Content-Length: 0\r\n"), ("PUT", b"Content-Length: 0\r\n"),
+    ("DELETE", b"Content-Length: 0\r\n"), ("GET", b""), ("HEAD", b""), ("OPTIONS", b""),
+])
+async def test_a_bodyless_request_gets_content_length_zero_unless_get_like(serve, method, added):
+    server, pool = await serve(repeat_handler(b"HTTP/1.1 204 No Content\r\n\r\n"))
+    response, _ = await fetch(pool, method, "/x")
+    assert response.status == 204
+    assert server.heads == [f"{method} /x HTTP/1.1\r\nHost: up\r\n".encode() + added + b"\r\n"]
+
+
+async def test_a_body_with_content_length_is_streamed_as_is(serve):
+    server, pool = await serve(repeat_handler(OK))
+
+    async def body():
+        for part in (b"hel", b"", b"lo"):
+            yield part
+
+    await fetch(pool, "PUT", "/u", [("Host", "up"), ("Content-Length", "5")], body())
+    assert server.heads == [b"PUT /u HTTP/1.1\r\nHost: up\r\nContent-Length: 5\r\n\r\n"]
+    assert server.bodies == [b"hello"]
+
+
+async def test_a_body_without_length_is_chunked(serve):
+    server, pool = await serve(repeat_handler(OK))
+
+    async def body():
+        yield b"a" * 300
+        yield b"bc"
+
+    response, data = await fetch(pool, "POST", "/u", body=body())
+    assert data == b"ok"
+    assert server.heads == [b"POST /u HTTP/1.1\r\nHost: up\r\nTransfer-Encoding: chunked\r\n\r\n"]
+    assert server.bodies == [b"a" * 300 + b"bc"]
+    # The connection was reusable: body sent whole, response read whole.
+    assert pool.idle_count == 1
+
+
+@pytest.mark.parametrize("bad", [
+    [("X-Evil", "a\r\nX-Injected: 1")], [("X-Evil", "a\nb")], [("X-Evil\r\n", "a")],
+])
+async def test_cr_or_lf_in_a_header_is_refused_before_sending(serve, bad):
+    server, pool = await serve(repeat_handler(OK))
+    with pytest.raises(ValueError, match="CR or LF"):
+        await pool.request("GET", "/", [("Host", "up"), *bad])
+    with pytest.raises(ValueError, match="CR or LF"):
+        await pool.request("GET", "/x\r\nHost:evil", [("Host", "up")])
+    assert server.connections == 0
+
+
+async def test_a_body_longer_or_shorter_than_its_content_length_never_completes(serve):
+    async def handle(conn: Conn) -> None:
+        await conn.head()
+        server.bodies.append(await conn.reader.read())  # everything until the close
+
+    server, pool = await serve(handle)
+
+    async def body(data: bytes):
+        yield data
+
+    for data in (b"123456", b"123"):
+        with pytest.raises(RequestBodyError, match="Content-Length") as info:
+            await pool.request("PUT", "/", [("Host", "up"), ("Content-Length", "5")], body(data))
+        assert isinstance(info.value.__cause__, ValueError)
+    async with asyncio.timeout(IO):
+        while len(server.bodies) < 2:
+            await asyncio.sleep(0.01)
+    assert sorted(server.bodies) == [b"", b"123"]  # a body of 6 is never sent at all
+    assert pool.open_count == 0
+
+
+async def test_a_failing_body_iterator_drops_the_connection_mid_body(serve):
+    got = asyncio.Event()
+
+    async def handle(conn: Conn) -> None:
+        head = await conn.head()
+        assert b"chunked" in head
+        server.bodies.append(await conn.reader.read())
+        got.set()
+
+    server, pool = await serve(handle)
+
+    async def body():
+        yield b"start"
+        raise OSError("client went away")
+
+    with pytest.raises(RequestBodyError) as info:
+        await pool.request("POST", "/", [("Host", "up")], body())
+    assert isinstance(info.value.__cause__, OSError)
+    async with asyncio.timeout(IO):
+        await got.wait()
+    assert server.bodies == [b"5\r\nstart\r\n"]  # never the final 0-size chunk
+
+
+async def test_a_slow_upstream_applies_back_pressure_to_the_body(serve):
+    # The upstream reads nothing until told to; the client must not buffer the
+    # whole 64 MiB body: it waits on the transport's write buffer.
+    total = 64 * 1024 * 1024
+    produced = []
+    release = asyncio.Event()
+
+    async def handle(conn: Conn) -> None:
+        await conn.head()
+        async with asyncio.timeout(IO):
+            await release.wait()
+        received = 0
+        async with asyncio.timeout(IO):
+            while received < total:
+                received += len(await conn.reader.read(1 << 20))
+        assert received == total
+        await conn.send(OK)
+
+    server, pool = await serve(handle)
+
+    async def body():
+        for _ in range(total // 65536):
+            produced.append(65536)
+            yield b"p" * 65536
+
+    task = asyncio.create_task(fetch(pool, "PUT", "/", [("Host", "up"),
+                                                        ("Content-Length", str(total))], body()))
+    async with asyncio.timeout(IO):
+        while True:  # wait until the producer stalls
+            before = len(produced)
+            await asyncio.sleep(0.05)
+            if len(produced) == before:
+                break
+    assert sum(produced) < total  # stalled on back-pressure, not all buffered
+    release.set()
+    response, data = await task
+    assert data == b"ok"
+
+
+# -- response framing ------------------------------------------------------------
+
+
+async def test_chunked_response_with_extensions_and_trailers(serve):
+    server, pool = await serve(keep_alive_handler([
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n"
+        b"5;ext=1;name=\"q\"\r\nhello\r\n1\r\n,\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n"
+        b"X-Other: u\r\n\r\n",
+        OK,
+    ]))
+    response, data = await fetch(pool)
+    assert data == b"hello, world"
+    assert response.chunked
+    assert response.raw_headers == [(b"Transfer-Encoding", b"chunked"), (b"X-A", b"1")]
+    # Trailers are dropped and the connection is reused for the next request.
+    response, data = await fetch(pool)
+    assert data == b"ok"
+    assert server.connections == 1
+
+
+async def test_head_response_has_no_body_whatever_its_headers_say(serve):
+    server, pool = await serve(keep_alive_handler([
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+        OK,
+    ]))
+    for _ in range(2):
+        response, data = await fetch(pool, "HEAD", "/file")
+        assert (response.status, data) == (200, b"")
+    response, data = await fetch(pool, "GET", "/file")
+    assert data == b"ok"
+    assert server.connections == 1
+    assert (response.raw_headers, response.status) == ([(b"Content-Length", b"2")], 200)
+
+
+@pytest.mark.parametrize("status", [204, 304])
+async def test_204_and_304_have_no_body(serve, status):
+    server, pool = await serve(keep_alive_handler([
+        f"HTTP/1.1 {status} X\r\nETag: \"v\"\r\n\r\n".encode(), OK,
+    ]))
+    response, data = await fetch(pool)
+    assert (response.status, response.reason, data) == (status, "X", b"")
+    response, data = await fetch(pool)
+    assert data == b"ok" and server.connections == 1
+
+
+async def test_interim_responses_are_skipped(serve):
+    server, pool = await serve(keep_alive_handler([
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n"
+        b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\nX-Final: yes\r\n\r\ndone",
+        OK,
+    ]))
+    response, data = await fetch(pool, "POST", "/")
+    assert (response.status, response.reason, data) == (201, "Created", b"done")
+    assert response.raw_headers == [(b"Content-Length", b"4"), (b"X-Final", b"yes")]
+    response, data = await fetch(pool)
+    assert data == b"ok" and server.connections == 1
+
+
+async def test_interim_response_in_separate_packets(serve):
+    async def handle(conn: Conn) -> None:
+        await conn.head()
+        await conn.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+        await asyncio.sleep(0.02)
+        await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nyes")
+        await conn.reader.read()
+
+    server, pool = await serve(handle)
+    response, data = await fetch(pool)
+    assert (response.status, data) == (200, b"yes")
+
+
+async def test_101_is_an_error(serve):
+    server, pool = await serve(keep_alive_handler([
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    ]))
+    with pytest.raises(UpgradeResponse, match="101"):
+        await fetch(pool)
+    assert pool.open_count == 0
+
+
+async def test_read_until_close_body(serve):
+    async def handle(conn: Conn) -> None:
+        await conn.head()
+        await conn.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\npart one, ")
+        await asyncio.sleep(0.02)
+        await conn.send(b"part two")
+        conn.writer.close()
+
+    server, pool = await serve(handle)
+    response, data = await fetch(pool)
+    assert data == b"part one, part two"
+    assert pool.open_count == 0 and pool.idle_count == 0
+
+
+async def test_http10_response_without_keep_alive_is_not_reused(serve):
+    server, pool = await serve(repeat_handler(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+    await fetch(pool)
+    assert pool.idle_count == 0
+    await fetch(pool)
+    assert server.connections == 2
+
+
+async def test_http10_response_with_keep_alive_is_reused(serve):
+    server, pool = await serve(repeat_handler(
+        b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 2\r\n\r\nok"
+    ))
+    for _ in range(3):
+        _, data = await fetch(pool)
+        assert data == b"ok"
+    assert server.connections == 1
+
+
+async def test_connection_close_is_not_reused(serve):
+    server, pool = await serve(repeat_handler(
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"
+    ))
+    await fetch(pool)
+    await fetch(pool)
+    assert server.connections == 2 and pool.idle_count == 0
+
+
+async def test_truncated_bodies_are_errors(serve):
+    for response_bytes in (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    ):
+        async def handle(conn: Conn, data=response_bytes) -> None:
+            await conn.head()
+            await conn.send(data)
+
+        server, pool = await serve(handle)
+        response = await pool.request("GET", "/", [("Host", "up")])
+        with pytest.raises(BodyError, match="closed the connection before the body's end"):
+            await read_all(response)
+        response.release()
+        assert pool.open_count == 0
+
+
+async def test_invalid_chunk_framing_is_a_body_error(serve):
+    server, pool = await serve(keep_alive_handler([
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n"
+    ]))
+    response = await pool.request("GET", "/", [("Host", "up")])
+    with pytest.raises(BodyError, match="invalid response body"):
+        await read_all(response)
+    response.release()
+
+
+@pytest.mark.parametrize("garbage", [
+    b"SMTP ready\r\n\r\n", b"HTTP/1.1 abc OK\r\n\r\n", b"HTTP/1.1 200 OK\r\nBad Header\r\n\r\n",
+    b"\x00\x01\x02\r\n\r\n",
+])
+async def test_garbage_is_an_invalid_response(serve, garbage):
+    server, pool = await serve(keep_alive_handler([garbage]))
+    with pytest.raises(InvalidResponse):
+        await fetch(pool)
+    assert pool.open_count == 0
+
+
+async def test_huge_response_headers_are_refused(serve):
+    big = b"X-Big: " + b"v" * 8000 + b"\r\n"
+    server, pool = await serve(keep_alive_handler([
+        b"HTTP/1.1 200 OK\r\n" + big * 40 + b"Content-Length: 2\r\n\r\nok"
+    ]))
+    with pytest.raises(InvalidResponse, match="response head over"):
+        await fetch(pool)
+
+
+async def test_many_response_headers_are_refused(serve):
+    server, pool = await serve(keep_alive_handler([
+        b"HTTP/1.1 200 OK\r\n" + b"X: 1\r\n" * 600 + b"Content-Length: 2\r\n\r\nok"
+    ]))
+    with pytest.raises(InvalidResponse, match="header lines"):
+        await fetch(pool)
+
+
+async def test_large_headers_within_limits_pass(serve):
+    big = b"X-Big: " + b"v" * 60000 + b"\r\n"
+    server, pool = await serve(keep_alive_handler([
+        b"HTTP/1.1 200 OK\r\n" + big + b"Content-Length: 2\r\n\r\nok"
+    ]))
+    response, data = await fetch(pool)
+    assert data == b"ok"
+    assert response.raw_headers[0] == (b"X-Big", b"v" * 60000)
+
+
+# -- connection reuse and the pool ----------------------------------------------------
+
+
+async def test_keep_alive_connection_is_reused(serve):
+    server, pool = await serve(repeat_handler(OK))
+    for _ in range(5):
+        await fetch(pool)
+    assert server.connections == 1 and pool.idle_count == 1
+
+
+async def test_an_idle_connection_closed_by_the_upstream_is_not_used(serve):
+    async def handle(conn: Conn) -> None:
+        await conn.head()
+        await conn.send(OK)
+        # closes right away (after the response)
+
+    server, pool = await serve(handle)
+    await fetch(pool)
+    async with asyncio.timeout(IO):
+        while pool.open_count:
+            await asyncio.sleep(0.01)  # the FIN arrives; the pool forgets the connection
+    await fetch(pool)
+    assert server.connections == 2
+
+
+async def test_stale_pooled_connection_is_retried_once_without_a_body(serve):
+    # The upstream answers once, then drops the connection when the next request
+    # arrives (its idle timer firing just then).
+    async def handle(conn: Conn) -> None:
+        await conn.head()
+        await conn.send(OK)
+        await conn.head()
+        conn.writer.transport.abort()
+
+    server, pool = await serve(handle)
+    await fetch(pool, target="/1")
+    _, data = await fetch(pool, target="/2", retry=True)
+    assert data == b"ok"
+    assert [h.split(b" ")[1] for h in server.heads] == [b"/1", b"/2", b"/2"]
+    # Without retry (e.g. a request with a body) the failure is reported.
+    with pytest.raises((Disconnected, ConnectionFailed)):
+        await fetch(pool, target="/3")
+
+
+async def test_a_fresh_connection_failing_is_not_retried(serve):
+    async def handle(conn: Conn) -> None:
+        await conn.head()
+        conn.writer.transport.abort()
+
+    server, pool = await serve(handle)
+    with pytest.raises((Disconnected, ConnectionFailed)):
+        await fetch(pool, retry=True)
+    assert server.connections == 1
+
+
+async def test_disconnect_without_response(serve):
+    async def handle(conn: Conn) -> None:
+        await conn.head()
+        conn.writer.close()
+
+    server, pool = await serve(handle)
+    with pytest.raises(Disconnected, match="without a response"):
+        await fetch(pool)
+
+
+async def test_unsolicited_extra_response_closes_the_connection(serve):
+    # Two responses for one request (a pipelining bug upstream): the second must
+    # never be taken as the answer to the next request.
+    server, pool = await serve(keep_alive_handler([OK + b"HTTP/1.1 200 OK\r\nContent-Length: 5"
+                                                        b"\r\n\r\nwrong", OK, OK]))
+    _, data = await fetch(pool)
+    assert data == b"ok"
+    _, data = await fetch(pool)
+    assert data == b"ok"
+    assert server.connections == 2
+
+
+async def test_early_response_before_the_body_is_sent(serve):
+    # The upstream answers from the head alone and never reads the body: the answer
+    # comes through, and the connection is not reused.
+    async def handle(conn: Conn) -> None:
+        await conn.head()
+        await conn.send(b"HTTP/1.1 413 Too Big\r\nContent-Length: 3\r\n\r\nbig")
+        await conn.reader.read()
+
+    server, pool = await serve(handle)
+    unblock = asyncio.Event()
+
+    async def body():
+        yield b"x" * 1024
+        await unblock.wait()  # the client is slow; the answer must not wait for it
+        yield b"y"
+
+    response, data = await fetch(pool, "PUT", "/", [("Host", "up")], body())
+    assert (response.status, data) == (413, b"big")
+    unblock.set()
+    assert pool.idle_count == 0
+    await fetch(pool, "PUT", "/", [("Host", "up")], None)
+    assert server.connections == 2
+
+
+async def test_max_connections_makes_requests_wait(serve):
+    gate = asyncio.Event()
+
+    async def handle(conn: Conn) -> None:
+        while True:
+            await conn.head()
+            async with asyncio.timeout(IO):
+                await gate.wait()
+            await conn.send(OK)
+
+    server, pool = await serve(handle, {"max_connections": 2})
+    tasks = [asyncio.create_task(fetch(pool)) for _ in range(5)]
+    async with asyncio.timeout(IO):
+        while len(server.heads) < 2:
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    assert len(server.heads) == 2 and pool.open_count == 2
+    gate.set()
+    results = await asyncio.gather(*tasks)
+    assert [data for _, data in results] == [b"ok"] * 5
+    assert server.connections == 2
+
+
+async def test_idle_connections_expire(serve):
+    server, pool = await serve(repeat_handler(OK), {"idle_timeout": 0.05})
+    await fetch(pool)
+    async with asyncio.timeout(IO):
+        while pool.open_count:
+            await asyncio.sleep(0.02)
+    await fetch(pool)
+    assert server.connections == 2
+
+
+async def test_max_idle_limits_kept_connections(serve):
+    gate = asyncio.Event()
+
+    async def handle(conn: Conn) -> None:
+        while True:
+            await conn.head()
+            async with asyncio.timeout(IO):
+                await gate.wait()
+            await conn.send(OK)
+
+    server, pool = await serve(handle, {"max_idle": 1})
+    tasks = [asyncio.create_task(fetch(pool)) for _ in range(3)]
+    async with asyncio.timeout(IO):
+        while len(server.heads) < 3:
+            await asyncio.sleep(0.01)
+    gate.set()
+    await asyncio.gather(*tasks)
+    assert pool.idle_count == 1
+    async with asyncio.timeout(IO):
+        while pool.open_count > 1:
+            await asyncio.sleep(0.01)
+
+
+async def test_unread_body_closes_the_connection_on_release(serve):
+    server, pool = await serve(repeat_handler(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"z" * 100000
+    ))
+    response = await pool.request("GET", "/", [("Host", "up")])
+    response.release()
+    assert pool.idle_count == 0
+    await fetch(pool)
+    assert server.connections == 2
+
+
+# -- flow control ------------------------------------------------------------------------
+
+
+async def test_large_body_is_read_with_bounded_buffering(serve):
+    total = 64 * 1024 * 1024
+    block = bytes(range(256)) * 256  # 64 KiB
+
+    async def handle(conn: Conn) -> None:
+        await conn.head()
+        conn.writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
+        for _ in range(total // len(block)):
+            conn.writer.write(block)
+            await conn.writer.drain()
+        await conn.reader.read()
+
+    server, pool = await serve(handle)
+    response = await pool.request("GET", "/", [("Host", "up")])
+    digest, size, biggest = hashlib.sha256(), 0, 0
+    async with asyncio.timeout(IO * 3):
+        while chunk := await response.read():
+            digest.update(chunk)
+            size += len(chunk)
+            biggest = max(biggest, len(chunk))
+            await asyncio.sleep(0)  # a consumer slower than the socket
+    response.release()
+    assert size == total
+    assert digest.hexdigest() == hashlib.sha256(block * (total // len(block))).hexdigest()
+    # What the client held at once stayed near its read buffer limit.
+    assert biggest <= 2 * 1024 * 1024
+
+
+async def test_reading_pauses_while_the_consumer_does_not_read(serve):
+    # The upstream writes until its socket is full; it can only finish writing 32 MiB
+    # if the client keeps reading. While the consumer reads nothing, the upstream's
+    # writes stall (the client stopped reading the socket).
+    total = 32 * 1024 * 1024
+    written = [0]
+    block = b"w" * 65536
+
+    async def handle(conn: Conn) -> None:
+        await conn.head()
+        conn.writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
+        for _ in range(total // len(block)):
+            conn.writer.write(block)
+            await conn.writer.drain()
+            written[0] += len(block)
+        await conn.reader.read()
+
+    server, pool = await serve(handle)
+    response = await pool.request("GET", "/", [("Host", "up")])
+    async with asyncio.timeout(IO):
+        while True:
+            before = written[0]
+            await asyncio.sleep(0.05)
+            if written[0] == before:
+                break
+    assert written[0] < total
+    assert response._buffered <= 2 * 1024 * 1024
+    assert len(await read_all(response)) == total
+    response.release()
+
+
+# -- timeouts and connection errors ---------------------------------------------------------
+
+
+async def test_no_response_head_within_timeout(serve):
+    async def handle(conn: Conn) -> None:
+        await conn.head()
+        await conn.reader.read()  # never answers
+
+    server, pool = await serve(handle, {"timeout": 0.2})
+    with pytest.raises(ResponseTimeout, match="no response headers within 0.2 s"):
+        await fetch(pool)
+    assert pool.open_count == 0
+
+
+async def test_silent_upstream_while_the_body_streams(serve):
+    async def handle(conn: Conn) -> None:
+        await conn.head()
+        await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfirst")
+        await conn.reader.read()
+
+    server, pool = await serve(handle, {"timeout": 0.2})
+    response = await pool.request("GET", "/", [("Host", "up")])
+    assert await response.read() == b"first"
+    with pytest.raises(BodyError, match="no body bytes"):
+        await response.read()
+    response.release()
+
+
+async def test_head_timeout_starts_once_the_body_is_sent(serve):
+    # A slow client body (longer than the timeout) is not a response timeout.
+    server, pool = await serve(repeat_handler(OK), {"timeout": 0.2})
+
+    async def body():
+        for _ in range(4):
+            await asyncio.sleep(0.1)
+            yield b"slow"
+
+    _, data = await fetch(pool, "POST", "/", body=body())
+    assert data == b"ok"
+    assert server.bodies == [b"slow" * 4]
+
+
+async def test_connection_refused(serve):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pool = UpstreamPool(f"http://127.0.0.1:{port}", connect_timeout=2, timeout=2)
+    with pytest.raises(ConnectError, match="refused") as info:
+        await pool.request("GET", "/", [("Host", "up")])
+    assert isinstance(info.value.os_error, ConnectionRefusedError)
+    await pool.close()
+
+
+async def test_connect_timeout():
+    import socket
+
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen(0)
+    port = blocker.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(4):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            fillers.append(s)
+        await asyncio.sleep(0.1)
+        pool = UpstreamPool(f"http://127.0.0.1:{port}", connect_timeout=0.2, timeout=2)
+        with pytest.raises(ConnectTimeout, match="0.2 s"):
+            await pool.request("GET", "/", [("Host", "up")])
+        await pool.close()
+    finally:
+        for s in fillers:
+            s.close()
+        blocker.close()
+
+
+async def test_reset_after_the_request(serve):
+    async def handle(conn: Conn) -> None:
+        await conn.head()
+        conn.writer.transport.abort()
+
+    server, pool = await serve(handle)
+    with pytest.raises((Disconnected, ConnectionFailed)):
+        await fetch(pool)
+
+
+# -- https ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    where = tmp_path_factory.mktemp("tls")
+    key, cert = where / "key.pem", where / "cert.pem"
+    try:
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+             "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
+             "-addext", "subjectAltName=IP:127.0.0.1"],
+            check=True, capture_output=True, timeout=60,
+        )
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"openssl could not make a test certificate: {exc}")
+    return key, cert
+
+
+async def test_https_upstream(serve, tls_files):
+    key, cert = tls_files
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+    server, pool = await serve(repeat_handler(OK), {"ssl": client_ctx}, ssl_context=server_ctx)
+    for _ in range(3):
+        _, data = await fetch(pool)
+        assert data == b"ok"
+    assert server.connections == 1
+
+
+async def test_https_upstream_with_an_untrusted_certificate_is_a_connect_error(serve, tls_files):
+    key, cert = tls_files
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    server, pool = await serve(repeat_handler(OK), ssl_context=server_ctx)
+    with pytest.raises(ConnectError, match="(?i)certificate"):
+        await fetch(pool)
