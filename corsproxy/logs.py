@@ -20,13 +20,24 @@ as one line too, without a traceback.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any
 
-__all__ = ["ACCESS_LOGGER", "LOG_FORMATS", "SERVER_LOGGER", "access_line", "setup_logging"]
+__all__ = [
+    "ACCESS_LOGGER",
+    "LOG_FORMATS",
+    "SERVER_LOGGER",
+    "AccessTemplate",
+    "AccessWriter",
+    "access_line",
+    "access_writer",
+    "setup_logging",
+]
 
 LOG_FORMATS = ("text", "json")
 ACCESS_LOGGER = logging.getLogger("corsproxy.access")
@@ -57,10 +68,15 @@ def _text_value(value: str) -> str:
     return json.dumps(value)
 
 
+_pid = [os.getpid()]  # this process's id, for JSON lines (several workers share stderr)
+os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
+
+
 def access_line(log_format: str, fields: dict[str, Any]) -> str:
-    """Render one request's fields (see :func:`corsproxy.server._log_access` for the keys)."""
+    """Render one request's fields (see :func:`corsproxy.server._log_access` for the keys).
+    JSON lines also carry ``pid``, the worker process that served the request."""
     if log_format == "json":
-        return json.dumps({"time": _now(), **fields})
+        return json.dumps({"time": _now(), **fields, "pid": _pid[0]})
     parts = [
         _now(),
         fields["client"] or "-",
@@ -74,6 +90,137 @@ def access_line(log_format: str, fields: dict[str, Any]) -> str:
             parts.append(f"{key}={value}" if isinstance(value, int | float) else
                          f"{key}={_text_value(value)}")
     return " ".join(parts)
+
+
+class AccessTemplate:
+    """The access line of a request whose fields are all known in advance except
+    the client address, the path and the time taken (a cached preflight answer):
+    everything else is rendered once, so a line costs one string concatenation.
+    ``line(client, path, ms)`` equals ``access_line`` for the same fields
+    (``upstream_ms`` and ``error`` None)."""
+
+    __slots__ = ("log_format", "_method", "_status", "_mid", "_tail")
+
+    def __init__(
+        self,
+        log_format: str,
+        method: str,
+        status: int,
+        origin: str | None,
+        cors: str,
+        route: str | None,
+        reason: str,
+    ) -> None:
+        self.log_format = log_format
+        if log_format == "json":
+            self._method = json.dumps(method)
+            self._status = json.dumps(status)
+            self._mid = (
+                f", \"origin\": {json.dumps(origin)}, \"cors\": {json.dumps(cors)}, "
+                f"\"route\": {json.dumps(route)}, \"upstream_ms\": null, \"ms\": "
+            )
+            self._tail = (
+                f", \"error\": null, \"reason\": {json.dumps(reason)}, \"pid\": {_pid[0]}}}"
+            )
+        else:
+            self._method = _text_value(method)
+            self._status = str(status)
+            mid = "".join(
+                f" {key}={_text_value(value)}"
+                for key, value in (("origin", origin), ("cors", cors), ("route", route))
+                if value is not None
+            )
+            self._mid = f"{mid} ms="
+            self._tail = f" reason={_text_value(reason)}"
+
+    def line(self, client: str | None, path: str, ms: float) -> str:
+        if self.log_format == "json":
+            return (
+                f'{{"time": "{_now()}", "client": {json.dumps(client)}, "method": '
+                f'{self._method}, "path": {json.dumps(path)}, "status": {self._status}'
+                f"{self._mid}{ms!r}{self._tail}"
+            )
+        return (
+            f"{_now()} {client or '-'} {self._method} {_text_value(path)} {self._status}"
+            f"{self._mid}{ms!r}{self._tail}"
+        )
+
+
+class AccessWriter:
+    """Access lines straight to a stream, without the logging module's per-record
+    cost (record object, caller lookup, lock, one write and flush per line): lines
+    logged in one event-loop iteration are joined and written at the end of that
+    iteration, so none waits longer than the iteration itself. On a real file
+    descriptor the batch goes out with ``os.write`` in pieces of whole lines of at
+    most 4096 bytes (PIPE_BUF), so lines of several worker processes sharing one
+    stderr pipe never mix. Call :meth:`flush` before the loop stops."""
+
+    __slots__ = ("stream", "fd", "_lines", "_scheduled")
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        try:
+            self.fd: int | None = stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            self.fd = None
+        self._lines: list[str] = []
+        self._scheduled = False
+
+    def __call__(self, line: str) -> None:
+        self._lines.append(line)
+        if not self._scheduled:
+            self._scheduled = True
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no running loop: write now
+                self.flush()
+
+    def flush(self) -> None:
+        self._scheduled = False
+        lines, self._lines = self._lines, []
+        if not lines:
+            return
+        try:
+            if self.fd is None:
+                lines.append("")
+                self.stream.write("\n".join(lines))
+                self.stream.flush()
+                return
+            self.stream.flush()  # whatever the logging module left in the buffer first
+            piece: list[bytes] = []
+            size = 0
+            for line in lines:
+                data = line.encode("utf-8", "replace") + b"\n"
+                if size + len(data) > _PIPE_BUF and piece:
+                    _write_all(self.fd, b"".join(piece))
+                    piece, size = [], 0
+                piece.append(data)
+                size += len(data)
+            _write_all(self.fd, b"".join(piece))
+        except (OSError, ValueError):  # stderr closed or gone: lose the lines, keep serving
+            pass
+
+
+_PIPE_BUF = 4096
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+_direct_stream: list[Any] = [None]  # the stream setup_logging chose for corsproxy.*
+
+
+def access_writer() -> Any:
+    """Where the server should send access lines: an :class:`AccessWriter` on the
+    stream :func:`setup_logging` configured (the process owns its log), else the
+    ``corsproxy.access`` logger (embedded use, tests with ``caplog``)."""
+    stream = _direct_stream[0]
+    if stream is None:
+        return ACCESS_LOGGER.info
+    return AccessWriter(stream)
 
 
 def event_line(log_format: str, event: str, message: str, **fields: Any) -> str:
@@ -112,7 +259,9 @@ def setup_logging(log_format: str = "text", stream: Any = None) -> None:
     root = logging.getLogger("corsproxy")
     for old in list(root.handlers):
         root.removeHandler(old)
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    target = stream if stream is not None else sys.stderr
+    _direct_stream[0] = target
+    handler = logging.StreamHandler(target)
     handler.setFormatter(_OneLineFormatter(log_format))
     root.addHandler(handler)
     root.setLevel(logging.INFO)
