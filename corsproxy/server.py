@@ -583,6 +583,8 @@ async def _stream_back(
     strip = [n for n in (hdrs.CONTENT_TYPE, hdrs.SERVER) if n.lower() not in sent]
     if strip:
         response[_STRIP_AUTO] = strip
+    # The head goes out with the first body bytes (one write instead of two).
+    response._send_headers_immediately = False
     try:
         await response.prepare(request)
         entry.streaming = response
@@ -599,6 +601,9 @@ async def _stream_back(
                 return response
             if not chunk:
                 break
+            if upstream.at_eof:  # the last piece: head, body and end in one write
+                await response.write_eof(chunk)
+                return response
             await response.write(chunk)
         await response.write_eof()
     except ConnectionError:

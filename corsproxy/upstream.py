@@ -320,6 +320,12 @@ class UpstreamResponse:
         """True once the whole body has arrived (it may still be buffered)."""
         return self._state == _DONE
 
+    @property
+    def at_eof(self) -> bool:
+        """True once the whole body has arrived and been read: :meth:`read` would
+        return ``b""``."""
+        return self._state == _DONE and not self._chunks
+
     async def read(self) -> bytes:
         """The next piece of the body (all that is buffered), ``b""`` at its end.
         Raises :class:`BodyError` when the body broke off or the upstream stayed

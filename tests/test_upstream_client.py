@@ -878,3 +878,17 @@ async def test_https_upstream_with_an_untrusted_certificate_is_a_connect_error(s
     server, pool = await serve(repeat_handler(OK), ssl_context=server_ctx)
     with pytest.raises(ConnectError, match="(?i)certificate"):
         await fetch(pool)
+
+
+async def test_complete_and_at_eof(serve):
+    server, pool = await serve(repeat_handler(OK))
+    response = await pool.request("GET", "/", [("Host", "up")])
+    async with asyncio.timeout(IO):
+        while not response.complete:
+            await asyncio.sleep(0.01)
+    assert not response.at_eof  # the body is in, not yet read
+    assert await response.read() == b"ok"
+    assert response.at_eof
+    assert await response.read() == b""
+    response.release()
+    assert pool.idle_count == 1
