@@ -19,6 +19,7 @@ and ``schema`` start fast and never load aiohttp.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import http.client
 import json
 import os
@@ -68,6 +69,24 @@ def _port(value: str) -> int:
     return port
 
 
+def _workers(value: str) -> int:
+    from .config import MAX_WORKERS
+
+    if value == "auto":
+        return 0
+    try:
+        workers = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a number of processes; write e.g. 2, or auto (one per CPU core)"
+        ) from None
+    if not 0 <= workers <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(
+            f"{workers} processes: use 1 to {MAX_WORKERS}, or auto (one per CPU core)"
+        )
+    return workers
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser for every command (exposed for docs and tests)."""
     parser = argparse.ArgumentParser(
@@ -83,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--upstream", metavar="URL", help="override upstream.url")
     p.add_argument("--host", metavar="HOST", help="override listen.host")
     p.add_argument("--port", metavar="PORT", type=_port, help="override listen.port")
+    p.add_argument(
+        "--workers", metavar="N", type=_workers,
+        help="override listen.workers: processes sharing the port (auto: one per CPU core)",
+    )
     p.add_argument(
         "--log-format", choices=("text", "json"), default="text", help="access log format"
     )
@@ -388,6 +411,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as e:
         _err(f"corsproxy run: the proxy server is not available ({e}); reinstall corsproxy")
         return 1
+    if args.workers is not None:
+        config = dataclasses.replace(
+            config, listen=dataclasses.replace(config.listen, workers=args.workers)
+        )
     for w in config.warnings:  # in the log's own format, before the server's first line
         _err(event_line(args.log_format, "config-warning", f"warning: {w}"))
     return run_server(config, log_format=args.log_format)

@@ -56,7 +56,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -92,12 +92,14 @@ __all__ = [
 class ListenConfig:
     """Where the proxy listens. ``port`` 0 picks any free port; ``max_body_size`` is
     in bytes (``None``: no limit); ``shutdown_grace`` is seconds for in-flight
-    requests after SIGTERM."""
+    requests after SIGTERM; ``workers`` is the number of processes sharing the port
+    (``0``, written ``auto`` in the file: one per CPU core)."""
 
     host: str = "127.0.0.1"
     port: int = 8080
     max_body_size: int | None = None
     shutdown_grace: float = 10.0
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -383,6 +385,22 @@ def _check_route_path(value: str) -> str:
 # ---------------------------------------------------------------------------
 
 
+#: Upper bound on listen.workers.
+MAX_WORKERS = 512
+
+
+def _auto_workers(value: Any) -> Any:
+    """``workers: auto`` is stored as 0 (one process per CPU core)."""
+    if value == "auto":
+        return 0
+    if isinstance(value, str):
+        raise _fail(
+            f"expected a whole number or auto, got the string {json.dumps(value)}; "
+            f"for example: workers: 2 (or auto: one per CPU core)"
+        )
+    return value
+
+
 def _one_item(value: Any) -> Any:
     """A single string where a list is expected is a one-item list."""
     return [value] if isinstance(value, str) else value
@@ -435,6 +453,15 @@ class ListenModel(BaseModel):
         ge=0,
         allow_inf_nan=False,
         description="Seconds in-flight requests may finish after SIGTERM/SIGINT.",
+    )
+    workers: Annotated[
+        int, BeforeValidator(_auto_workers, json_schema_input_type=int | Literal["auto"])
+    ] = Field(
+        1,
+        ge=0,
+        le=MAX_WORKERS,
+        description="Processes serving the port (SO_REUSEPORT); auto (or 0) means one per "
+        "CPU core.",
     )
 
 
@@ -595,6 +622,7 @@ _EXAMPLES = {
     "port": "port: 8080",
     "max_body_size": "max_body_size: 10485760",
     "shutdown_grace": "shutdown_grace: 10",
+    "workers": "workers: auto",
     "url": "url: http://127.0.0.1:8000",
     "connect_timeout": "connect_timeout: 5",
     "timeout": "timeout: 60",
@@ -616,6 +644,7 @@ _RANGE_HINTS = {
     "port": "0 picks any free port",
     "max_body_size": "it is in bytes; write null for no limit",
     "shutdown_grace": "seconds; 0 means stop at once",
+    "workers": "processes; auto or 0 means one per CPU core",
     "connect_timeout": "seconds; fractions like 0.5 are fine",
     "timeout": "seconds; fractions like 0.5 are fine",
     "max_age": "seconds a browser may cache the preflight answer; 0 disables caching",
@@ -1168,7 +1197,9 @@ def parse_config(
     lm, um = model.listen, model.upstream
     return Config(
         source=source,
-        listen=ListenConfig(lm.host, lm.port, lm.max_body_size, float(lm.shutdown_grace)),
+        listen=ListenConfig(
+            lm.host, lm.port, lm.max_body_size, float(lm.shutdown_grace), lm.workers
+        ),
         upstream=UpstreamConfig(
             um.url, float(um.connect_timeout), float(um.timeout), um.preserve_host
         ),

@@ -772,11 +772,21 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def run_server(config: Config, *, log_format: str = "text") -> int:
-    """Run the proxy in the foreground until SIGTERM/SIGINT; returns the exit code."""
+def run_server(config: Config, *, log_format: str = "text", reuse_port: bool = False) -> int:
+    """Run the proxy in the foreground until SIGTERM/SIGINT; returns the exit code.
+
+    With ``listen.workers`` above 1 (or ``auto`` on a machine with several cores)
+    this process supervises that many worker processes (``corsproxy.workers``);
+    ``reuse_port`` is how a worker runs its own server on the shared port."""
+    if not reuse_port:
+        from .workers import resolve_workers, run_workers
+
+        count = resolve_workers(config.listen.workers)
+        if count > 1:
+            return run_workers(config, log_format=log_format, count=count)
     setup_logging(log_format)
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        return runner.run(serve(config, log_format=log_format))
+        return runner.run(serve(config, log_format=log_format, reuse_port=reuse_port))
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m corsproxy run` is the entry point

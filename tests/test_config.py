@@ -75,7 +75,7 @@ BAD_FILES = [
             "FILE: cros: unknown key; did you mean cors? allowed keys here: listen, upstream, "
             "cors, routes",
             "FILE: listen.prot: unknown key; did you mean port? allowed keys here: host, port, "
-            "max_body_size, shutdown_grace",
+            "max_body_size, shutdown_grace, workers",
             "FILE: upstream.uri: unknown key; did you mean url? allowed keys here: url, "
             "connect_timeout, timeout, preserve_host",
             "FILE: routes[0].cros: unknown key; did you mean cors? allowed keys here: path, cors",
@@ -764,7 +764,8 @@ DOCUMENTS = st.fixed_dictionaries(
     {},
     optional={
         "listen": st.dictionaries(
-            st.sampled_from(["host", "port", "max_body_size", "shutdown_grace", "x"]), VALUES
+            st.sampled_from(["host", "port", "max_body_size", "shutdown_grace", "workers", "x"]),
+            VALUES,
         ),
         "upstream": st.dictionaries(
             st.sampled_from(["url", "connect_timeout", "timeout", "preserve_host"]), VALUES
@@ -805,3 +806,31 @@ def test_any_text_gives_a_config_or_config_error(text):
         parse_config(text, "fuzz.yaml")
     except ConfigError as e:
         assert e.errors and all(line.startswith("fuzz.yaml: ") for line in e.errors)
+
+
+@pytest.mark.parametrize(
+    ("text", "workers"),
+    [("listen: {workers: 4}", 4), ("listen: {workers: auto}", 0), ("listen: {workers: 0}", 0),
+     ("listen: {}", 1)],
+)
+def test_workers_is_a_count_or_auto(text, workers):
+    assert parse_config(text, "FILE").listen.workers == workers
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ('listen: {workers: "4"}', 'expected a whole number or auto, got the string "4"; '
+                                   "for example: workers: 2 (or auto: one per CPU core)"),
+        ("listen: {workers: -1}", "must be 0 or more, got -1 (processes; auto or 0 means one per "
+                                  "CPU core); for example: workers: auto"),
+        ("listen: {workers: 513}", "must be at most 512, got 513 (processes; auto or 0 means one "
+                                   "per CPU core); for example: workers: auto"),
+        ("listen: {workers: 1.5}", "expected a whole number, got the number 1.5; for example: "
+                                   "workers: auto"),
+    ],
+)
+def test_bad_workers_values_say_what_to_write(text, error):
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "FILE")
+    assert info.value.errors == [f"FILE: listen.workers: {error}"]

@@ -1,0 +1,183 @@
+"""``listen.workers: N``: N processes serving one port.
+
+The parent process binds the address once (with ``SO_REUSEPORT``), so a bad or
+busy address is reported once, before any worker starts, and port 0 becomes one
+concrete port all workers share. It keeps that socket bound but never listens on
+it: it holds the port while workers come and go. Then it forks N workers; each
+runs the ordinary single-process server (:func:`corsproxy.server.run_server`) on
+its own listening socket bound to the same address with ``SO_REUSEPORT``, and the
+kernel spreads new connections over the workers' sockets.
+
+Signals: SIGTERM/SIGINT to the parent are forwarded to every worker; each worker
+shuts down gracefully (``listen.shutdown_grace``), and the parent exits 0 once all
+of them exited 0 (or were ended by that signal before they were set up).
+
+A worker that exits on its own (a crash) is reported in one log line and replaced.
+When more than :data:`MAX_RESTARTS` workers die within :data:`RESTART_WINDOW`
+seconds, the parent gives up: it stops the remaining workers and exits 1.
+
+Linux and other systems with ``SO_REUSEPORT`` and ``fork`` only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socket
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from .logs import event_line, setup_logging
+
+if TYPE_CHECKING:
+    from .config import Config
+
+__all__ = ["MAX_RESTARTS", "RESTART_WINDOW", "resolve_workers", "run_workers"]
+
+#: More than this many worker deaths within RESTART_WINDOW seconds: give up, exit 1.
+MAX_RESTARTS = 5
+RESTART_WINDOW = 60.0
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def resolve_workers(workers: int) -> int:
+    """``listen.workers`` as a process count: 0 (``auto``) is one per CPU core."""
+    if workers > 0:
+        return workers
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1
+    )
+
+
+def _say(log_format: str, event: str, message: str, **fields: Any) -> None:
+    print(event_line(log_format, event, message, **fields), file=sys.stderr, flush=True)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _worker(config: Config, log_format: str, held: socket.socket) -> int:
+    """In the forked child: the ordinary server, sharing the port."""
+    from .server import run_server
+
+    held.close()
+    return run_server(config, log_format=log_format, reuse_port=True)
+
+
+def _start(config: Config, log_format: str, held: socket.socket, workers: dict[int, int],
+           number: int) -> None:
+    """Fork worker ``number``. The stop signals are blocked around the fork, so the
+    parent's forwarding handler never runs in a child and never misses a new pid."""
+    sys.stderr.flush()
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        pid = os.fork()
+        if pid != 0:
+            workers[pid] = number
+    finally:
+        if pid != 0:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    if pid == 0:  # pragma: no cover - runs in the child (tests see it as a process)
+        code = 1
+        try:
+            for sig in _STOP_SIGNALS:
+                signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+            code = _worker(config, log_format, held)
+        except BaseException as exc:  # never let a child fall back into the parent's loop
+            _say(log_format, "error", f"worker {os.getpid()} failed: {type(exc).__name__}: {exc}")
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+
+
+def _describe_exit(status: int) -> tuple[str, bool]:
+    """(words, clean) for a wait status; clean is exit 0 or our stop signal."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        return f"was killed by {signal.Signals(sig).name}", sig in _STOP_SIGNALS
+    code = os.waitstatus_to_exitcode(status)
+    return f"exited with code {code}", code == 0
+
+
+def run_workers(config: Config, *, log_format: str = "text", count: int) -> int:
+    """Run ``count`` worker processes on ``config.listen``; returns the exit code."""
+    setup_logging(log_format)
+    host, port = config.listen.host, config.listen.port
+    try:
+        held = _bind(host, port)
+    except OSError as exc:
+        from .server import describe_error
+
+        _say(log_format, "error", f"cannot listen on {host}:{port}: {describe_error(exc)}; "
+                                  f"pick another address with --host/--port or listen.port")
+        return 1
+    port = held.getsockname()[1]
+    config = dataclasses.replace(config, listen=dataclasses.replace(config.listen, port=port))
+
+    stopping: list[int] = []  # the signal that asked us to stop, once one did
+    workers: dict[int, int] = {}  # pid -> worker number
+
+    def forward(signum: int, frame: Any) -> None:
+        stopping.append(signum)
+        for pid in list(workers):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in _STOP_SIGNALS}
+    _say(log_format, "workers", f"corsproxy starting {count} worker processes on port {port} "
+                                f"(listen.workers)", workers=count, port=port, pid=os.getpid())
+    deaths: list[float] = []
+    failed = False
+    try:
+        for number in range(count):
+            if stopping:
+                break
+            _start(config, log_format, held, workers, number)
+        while workers:
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except ChildProcessError:  # pragma: no cover - nothing left to wait for
+                break
+            number = workers.pop(pid, None)
+            if number is None:
+                continue
+            words, clean = _describe_exit(status)
+            if stopping:
+                failed = failed or not clean
+                continue
+            now = time.monotonic()
+            deaths = [t for t in deaths if now - t < RESTART_WINDOW] + [now]
+            if len(deaths) > MAX_RESTARTS:
+                _say(log_format, "error", f"worker {pid} {words}; more than {MAX_RESTARTS} "
+                                          f"workers ended within {RESTART_WINDOW:g} s, giving up: "
+                                          f"stopping the others", pid=pid)
+                failed = True
+                forward(signal.SIGTERM, None)
+                continue
+            _say(log_format, "worker-exit", f"worker {pid} {words}; starting a new one",
+                 pid=pid)
+            _start(config, log_format, held, workers, number)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        held.close()
+    _say(log_format, "stopped", f"corsproxy stopped ({count} workers)")
+    return 1 if failed else 0
