@@ -198,7 +198,7 @@ class UpstreamResponse:
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.chunked = False
         self._conn = conn
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self._state = _HEAD
         self._head = head
         self._interim = False
@@ -364,6 +364,9 @@ class UpstreamResponse:
             conn._release()
         else:
             conn._close()
+        # Break the response <-> parser cycle now rather than in the cyclic GC.
+        self._parser = None
+        self._pump = None
 
     def close(self) -> None:
         """Drop the connection whatever state the response is in."""
@@ -455,6 +458,7 @@ class _Connection(asyncio.Protocol):
                 response._finish()
             else:
                 response._fail(self._lost_error())
+        self.response = None
 
     def pause_writing(self) -> None:
         self._writing_paused = True

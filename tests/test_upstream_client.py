@@ -892,3 +892,16 @@ async def test_complete_and_at_eof(serve):
     assert await response.read() == b""
     response.release()
     assert pool.idle_count == 1
+
+
+async def test_a_released_response_is_freed_without_the_cyclic_gc(serve):
+    # No response <-> parser cycle is left behind: each request's objects go by
+    # reference counting as soon as they are released, instead of piling up for
+    # the garbage collector.
+    import sys
+
+    server, pool = await serve(repeat_handler(OK))
+    for _ in range(2):
+        response, data = await fetch(pool)
+        assert data == b"ok"
+        assert sys.getrefcount(response) == 2  # this name and getrefcount's argument
