@@ -209,3 +209,14 @@ async def test_serve_runs_the_same_proxy_on_the_low_level_server(upstream, caplo
     assert len(lines) == 2
     assert " OPTIONS /items 200 origin=https://app.example.com cors=allowed " in lines[0]
     assert " GET /bare 200 origin=https://app.example.com cors=allowed " in lines[1]
+
+
+async def test_a_bug_in_the_preflight_cache_falls_back_to_the_general_path(proxy, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("deliberately broken for the test")
+
+    monkeypatch.setattr(server, "_Preflight", broken)
+    raw = await raw_response(proxy.port, preflight())
+    assert status_of(raw) == 200
+    assert cors_of(pairs(raw)) == ALLOWED_CORS
+    assert proxy.app[server.STATE].preflights == {}
