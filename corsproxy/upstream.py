@@ -198,7 +198,12 @@ class UpstreamResponse:
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.chunked = False
         self._conn = conn
-        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
+        parser = self._parser = httptools.HttpResponseParser(self)
+        # As aiohttp's client (and most clients) accept: bare LF line ends and spaces
+        # after a chunk size. Header values stay strict (no control characters).
+        parser.set_dangerous_leniencies(
+            lenient_optional_cr_before_lf=True, lenient_spaces_after_chunk_size=True
+        )
         self._state = _HEAD
         self._head = head
         self._interim = False
@@ -236,7 +241,9 @@ class UpstreamResponse:
             raise InvalidResponse(
                 f"response head over {MAX_HEAD_SIZE} bytes or {MAX_HEADERS} header lines"
             )
-        self.raw_headers.append((name, value))
+        # llhttp drops the whitespace before a value but not after (RFC 9110 §5.5: not
+        # part of the value).
+        self.raw_headers.append((name, value.rstrip(b" \t")))
 
     def on_headers_complete(self) -> None:
         parser = self._parser

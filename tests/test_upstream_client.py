@@ -905,3 +905,27 @@ async def test_a_released_response_is_freed_without_the_cyclic_gc(serve):
         response, data = await fetch(pool)
         assert data == b"ok"
         assert sys.getrefcount(response) == 2  # this name and getrefcount's argument
+
+
+async def test_bare_lf_line_ends_and_trailing_value_whitespace(serve):
+    # What aiohttp's client accepted stays accepted: LF without CR, and whitespace
+    # after a value (not part of it, RFC 9110 §5.5), spaces after a chunk size.
+    server, pool = await serve(keep_alive_handler([
+        b"HTTP/1.1 200 OK\nX-Pad: value \t\nContent-Length: 2\n\nok",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2  \r\nok\r\n0\r\n\r\n",
+    ]))
+    response, data = await fetch(pool)
+    assert data == b"ok"
+    assert response.raw_headers == [(b"X-Pad", b"value"), (b"Content-Length", b"2")]
+    response, data = await fetch(pool)
+    assert data == b"ok"
+    assert server.connections == 1
+
+
+@pytest.mark.parametrize("value", [b"a\x00b", b"a\x01b", b"a\rb"])
+async def test_control_characters_in_a_header_value_are_invalid(serve, value):
+    server, pool = await serve(keep_alive_handler([
+        b"HTTP/1.1 200 OK\r\nX-Bad: " + value + b"\r\nContent-Length: 2\r\n\r\nok"
+    ]))
+    with pytest.raises(InvalidResponse):
+        await fetch(pool)
