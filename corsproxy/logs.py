@@ -63,9 +63,22 @@ _PLAIN = frozenset(chr(c) for c in range(0x21, 0x7F)) - frozenset(' "=\\')
 
 def _text_value(value: str) -> str:
     """A value for a text line: bare when it is one plain word, JSON-quoted otherwise."""
-    if value and _PLAIN.issuperset(value):
-        return value
-    return json.dumps(value)
+    try:
+        return _rendered[value]  # reasons, origins and paths repeat: render each once
+    except KeyError:
+        pass
+    text = value if value and _PLAIN.issuperset(value) else json.dumps(value)
+    if len(value) <= _RENDERED_MAX_LENGTH:
+        if len(_rendered) >= _RENDERED_MAX:
+            _rendered.clear()
+        _rendered[value] = text
+    return text
+
+
+#: Memo of _text_value: at most this many values of at most this many characters.
+_RENDERED_MAX = 1024
+_RENDERED_MAX_LENGTH = 512
+_rendered: dict[str, str] = {}
 
 
 _pid = [os.getpid()]  # this process's id, for JSON lines (several workers share stderr)
