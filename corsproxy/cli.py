@@ -258,6 +258,13 @@ def _policy_lines(s: CorsSettings, base: CorsSettings | None = None) -> list[str
     return lines
 
 
+def _workers_note(workers: int) -> str:
+    """``listen.workers`` for the check summary; nothing for the default (1)."""
+    if workers == 1:
+        return ""
+    return ", workers: auto (one per CPU core)" if workers == 0 else f", workers: {workers}"
+
+
 def _summary(config: Config) -> str:
     listen, up = config.listen, config.upstream
     body = "no limit" if listen.max_body_size is None else f"{listen.max_body_size} bytes"
@@ -266,7 +273,7 @@ def _summary(config: Config) -> str:
         f"{config.source}: OK",
         "",
         f"listen:   {listen.host}:{listen.port}  (max_body_size: {body}, shutdown_grace: "
-        f"{listen.shutdown_grace:g} s)",
+        f"{listen.shutdown_grace:g} s{_workers_note(listen.workers)})",
         f"upstream: {url}  (connect_timeout: {up.connect_timeout:g} s, timeout: "
         f"{up.timeout:g} s, preserve_host: {str(up.preserve_host).lower()})",
         "",

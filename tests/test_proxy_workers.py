@@ -185,3 +185,18 @@ def test_bad_workers_options_are_usage_errors(value, message, capsys, tmp_path):
 
     assert main(["run", "--config", str(tmp_path / "none.yaml"), "--workers", value]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("workers", "note"),
+    [("1", ""), ("3", ", workers: 3"), ("auto", ", workers: auto (one per CPU core)")],
+)
+def test_check_shows_workers_unless_the_default(workers, note, tmp_path, capsys):
+    from corsproxy.cli import main
+
+    path = tmp_path / "w.yaml"
+    path.write_text(f"listen: {{workers: {workers}}}\ncors: {{allow_origins: [{APP}]}}\n")
+    assert main(["check", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    line = f"listen:   127.0.0.1:8080  (max_body_size: no limit, shutdown_grace: 10 s{note})\n"
+    assert line in out
