@@ -580,9 +580,27 @@ async def _stream_back(
     request: web.BaseRequest, decision: Decision, upstream: UpstreamResponse, entry: _Log
 ) -> web.StreamResponse:
     pairs = [(n.decode("latin-1"), v.decode("utf-8", "replace")) for n, v in upstream.raw_headers]
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-    response.headers.extend(response_headers(pairs, decision.headers, decision.vary))
+    headers = response_headers(pairs, decision.headers, decision.vary)
     sent = {n.lower() for n, _ in pairs}
+    if (
+        upstream.complete
+        and "content-length" in sent
+        and not upstream.chunked
+        and request.version == HttpVersion11
+        and request.keep_alive
+        and not request.body_exists
+        and request.method != "HEAD"
+        and upstream.status not in (204, 304)
+    ):
+        # The whole body is already here and framed by its Content-Length: one
+        # precomputed write, byte for byte what the StreamResponse below would send
+        # (the upstream's headers, the CORS ones, then Date when the upstream sent
+        # none; aiohttp's own Content-Type and Server are left out as below).
+        raw = _whole_response(upstream, headers, "date" in sent, await upstream.read())
+        if raw is not None:
+            return raw
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    response.headers.extend(headers)
     strip = [n for n in (hdrs.CONTENT_TYPE, hdrs.SERVER) if n.lower() not in sent]
     if strip:
         response[_STRIP_AUTO] = strip
@@ -613,6 +631,21 @@ async def _stream_back(
         entry.error = "client disconnected before the response was complete"
         upstream.close()
     return response
+
+
+def _whole_response(
+    upstream: UpstreamResponse, headers: list[tuple[str, str]], has_date: bool, body: bytes
+) -> _RawResponse | None:
+    """A complete forwarded response as one block of bytes (None: not plain enough
+    to be sure of the bytes; the caller then takes aiohttp's path)."""
+    lines = [f"HTTP/1.1 {upstream.status} {upstream.reason}"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    text = "\r\n".join(lines)
+    if "\n" in text.replace("\r\n", "") or "\r" in text.replace("\r\n", ""):
+        return None
+    head = text.encode("utf-8") + b"\r\n"
+    date = b"" if has_date else _date_line()
+    return _RawResponse(upstream.status, b"".join((head, date, b"\r\n", body)))
 
 
 def _abort(request: web.BaseRequest, response: web.StreamResponse) -> None:

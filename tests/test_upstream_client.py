@@ -929,3 +929,51 @@ async def test_control_characters_in_a_header_value_are_invalid(serve, value):
     ]))
     with pytest.raises(InvalidResponse):
         await fetch(pool)
+
+
+# -- through the proxy: the whole-response fast path --------------------------------
+
+
+@pytest.mark.parametrize("upstream_bytes", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nServer: up/1\r\n"
+    b"Date: Mon, 01 Jan 2024 00:00:00 GMT\r\nVary: Accept\r\nAccess-Control-Allow-Origin: *\r\n"
+    b"Content-Length: 2\r\n\r\n{}",
+    b"HTTP/1.1 404 Not Here\r\nX-Caf: caf\xc3\xa9\r\nX-Bad: \xe9\r\n"
+    b"Connection: keep-alive, X-Hop\r\nX-Hop: 1\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 201 \r\nContent-Length: 1\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n\r\nx",
+])
+async def test_whole_small_responses_are_byte_identical_to_the_streamed_path(
+    serve, make_proxy, upstream_bytes, monkeypatch
+):
+    # A GET whose whole response arrived with its head goes out as one precomputed
+    # write; a request with a body takes aiohttp's StreamResponse path. Both must
+    # send the same bytes (the Date value aside).
+    import re
+
+    from conftest import raw_response
+
+    import corsproxy.server
+
+    taken = []
+    whole = corsproxy.server._whole_response
+    monkeypatch.setattr(corsproxy.server, "_whole_response",
+                        lambda *args: taken.append(1) or whole(*args))
+    server, _ = await serve(repeat_handler(upstream_bytes))
+    proxy = await make_proxy(
+        cors={"allow_origins": ["https://app.example.com"], "allow_credentials": True,
+              "expose_headers": ["X-Id"]},
+        upstream_url=server.url,
+    )
+    origin = b"Origin: https://app.example.com\r\n"
+    fast = await raw_response(proxy.port, b"GET /x HTTP/1.1\r\nHost: h\r\n" + origin + b"\r\n")
+    streamed = await raw_response(
+        proxy.port, b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\n" + origin + b"\r\nb"
+    )
+
+    def normal(data: bytes) -> bytes:
+        return re.sub(rb"\r\nDate: [^\r]*GMT(?=\r\n)", b"\r\nDate: -", data)
+
+    assert normal(fast) == normal(streamed)
+    assert taken == [1]  # the GET took the fast path, the POST did not
+    assert b"\r\nAccess-Control-Allow-Origin: https://app.example.com\r\n" in fast
