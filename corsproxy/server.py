@@ -137,7 +137,7 @@ STATE = web.AppKey("corsproxy_state", _State)
 
 
 def build_app(config: Config, *, log_format: str = "text") -> web.Application:
-    """The proxy as an aiohttp application (the upstream ClientSession lives in its
+    """The proxy as an aiohttp application (the upstream connection pool lives in its
     ``cleanup_ctx``). ``log_format`` is ``"text"`` or ``"json"``."""
     if log_format not in LOG_FORMATS:
         raise ValueError(f"log format {log_format!r}: use one of {', '.join(LOG_FORMATS)}")
