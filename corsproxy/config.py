@@ -46,20 +46,30 @@ Choices, documented once here:
   that only Python ``re`` can run or that matches any origin, ``"*"`` in
   expose/allow headers or methods with credentials, a lower-case standard method,
   no origin allowed at all, no upstream URL.
+
+Where the parts live (private modules; none of them imports this one):
+
+- this module: the frozen result (:class:`Config` and its parts, :class:`ConfigError`),
+  the pydantic models and :func:`config_json_schema`, merging the routes over the
+  top-level ``cors`` with the cross-field errors and the warnings, and the entry
+  points :func:`parse_config` and :func:`load_config`;
+- ``corsproxy/_config_checks.py``: the checks of single values (origins with
+  :func:`origin_problem`, the origin regex, method and header names, the upstream
+  URL, ``listen.host``, route paths);
+- ``corsproxy/_config_messages.py``: pydantic errors turned into plain-English
+  lines, and field paths spelled as in the file (``routes[0].cors``);
+- ``corsproxy/_config_yaml.py``: reading the YAML with the position of every key
+  and item, duplicate keys, and syntax errors as one line.
 """
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -68,9 +78,22 @@ from pydantic import (
     Field,
     ValidationError,
 )
-from pydantic_core import PydanticCustomError
 
-from .core import CorsPolicy, CorsSettings, Router, compile_origin_regex, is_token
+from ._config_checks import (
+    _PATTERN_FIX,
+    _check_header,
+    _check_listen_host,
+    _check_method,
+    _check_origin,
+    _check_regex,
+    _check_route_path,
+    _check_upstream_url,
+    _fail,
+)
+from ._config_checks import origin_problem as origin_problem  # public, re-exported
+from ._config_messages import _STR_LISTS, _describe, _english, _path
+from ._config_yaml import Loc, _read_yaml, _YamlError
+from .core import CorsPolicy, CorsSettings, Router, compile_origin_regex
 
 __all__ = [
     "Config",
@@ -148,236 +171,6 @@ class ConfigError(Exception):
         self.errors = list(errors)
         self.warnings = list(warnings)
         super().__init__("\n".join(self.errors))
-
-
-# ---------------------------------------------------------------------------
-# Field checks (raise PydanticCustomError so the message is used verbatim)
-# ---------------------------------------------------------------------------
-
-
-def _fail(message: str) -> PydanticCustomError:
-    return PydanticCustomError("corsproxy", message.replace("{", "{{").replace("}", "}}"))
-
-
-_SCHEME = re.compile(r"[a-z][a-z0-9+.\-]*")
-_HOSTNAME = re.compile(
-    r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?)*"
-)
-_IPV6 = re.compile(r"\[[0-9a-f:.]+\]")
-_DEFAULT_PORTS = {"http": "80", "https": "443", "ws": "80", "wss": "443"}
-_PATTERN_FIX = (
-    'list the origins explicitly (e.g. "https://app.example.com"), '
-    'or use a pattern like "https://*.example.com" or allow_origin_regex'
-)
-
-
-def _fixed_origin(value: str) -> str:
-    """Best guess at the origin the user meant: lower case, no path, no default port."""
-    v = "".join(value.split())
-    if "://" not in v:
-        v = "https://" + v.lstrip("/")
-    scheme, rest = v.split("://", 1)
-    scheme = scheme.lower()
-    hostport = re.split(r"[/?#]", rest, maxsplit=1)[0].lower()
-    hostport = hostport.rsplit("@", 1)[-1]
-    if ":" in hostport and not hostport.endswith("]"):
-        host, port = hostport.rsplit(":", 1)
-        if port.isdigit() and str(int(port)) == _DEFAULT_PORTS.get(scheme):
-            hostport = host
-        elif port.isdigit():
-            hostport = f"{host}:{int(port)}"
-    return f"{scheme}://{hostport}"
-
-
-def origin_problem(value: str) -> str | None:
-    """Why ``value`` can't be an ``allow_origins`` entry (one sentence with the fix),
-    or None when it is fine.
-
-    Accepted: ``"*"``, ``"null"``, ``scheme://host[:port]`` exactly as a browser
-    serialises an origin (lower case, no path, no default port), and the pattern
-    ``scheme://*.host[:port]`` (one or more labels in place of ``*``).
-    """
-    if value in ("*", "null"):
-        return None
-    shown = json.dumps(value)
-    if value == "":
-        return 'is empty; write an origin like "https://app.example.com" or remove the entry'
-    if any(c.isspace() for c in value):
-        return (
-            f"{shown} contains whitespace; an origin never does: "
-            f"write {json.dumps(_fixed_origin(value))}"
-        )
-    scheme, _, rest = value.rpartition("://")
-    hostport = re.split(r"[/?#]", rest, maxsplit=1)[0]
-    after = rest[len(hostport) :]
-    wildcard = hostport.startswith("*.")
-    if "*" in scheme or "*" in (hostport[2:] if wildcard else hostport) or "*" in after:
-        return (
-            f'{shown}: "*" is only allowed as the whole value "*" or as a leading "*." label '
-            f'after the scheme, e.g. "https://*.example.com" (for anything else use '
-            f"allow_origin_regex)"
-        )
-    if "://" not in value:
-        return f"{shown} needs a scheme, e.g. {json.dumps(_fixed_origin(value))}"
-    fixed = _fixed_origin(value)
-    if value != value.lower():
-        return (
-            f"{shown} has upper case letters; browsers send origins in lower case, so it "
-            f"would never match: write {json.dumps(fixed)}"
-        )
-    if not _SCHEME.fullmatch(scheme):
-        return f'{shown} has an invalid scheme; write e.g. "https://app.example.com"'
-    if after == "/":
-        return (
-            f"{shown} has a trailing slash; browsers send origins without one: "
-            f"write {json.dumps(fixed)}"
-        )
-    if after:
-        what = "a path" if after.startswith("/") else "a query or fragment"
-        return (
-            f"{shown} has {what}; an origin is only scheme://host[:port]: write {json.dumps(fixed)}"
-        )
-    if "@" in hostport:
-        return f"{shown} has a user name; an origin never does: write {json.dumps(fixed)}"
-    host = hostport[2:] if wildcard else hostport
-    port = None
-    if host.startswith("["):
-        end = host.find("]")
-        if end != -1 and host[end + 1 :].startswith(":"):
-            host, port = host[: end + 1], host[end + 2 :]
-    elif ":" in host:
-        host, port = host.rsplit(":", 1)
-    if port is not None:
-        if not port.isdigit() or not 0 < int(port) <= 65535:
-            return f"{shown} has an invalid port {json.dumps(port)}; use 1-65535 or no port"
-        if port == _DEFAULT_PORTS.get(scheme):
-            return (
-                f'{shown}: ":{port}" is the default port for {scheme} and browsers never '
-                f"send it: write {json.dumps(fixed)}"
-            )
-        if str(int(port)) != port:
-            return (
-                f"{shown}: browsers send the port without leading zeros: write {json.dumps(fixed)}"
-            )
-    if not (_HOSTNAME.fullmatch(host) or (not wildcard and _IPV6.fullmatch(host))):
-        return f'{shown} has an invalid host name; write e.g. "https://app.example.com"'
-    return None
-
-
-def _check_origin(value: str) -> str:
-    problem = origin_problem(value)
-    if problem is not None:
-        raise _fail(problem)
-    return value
-
-
-def _check_regex(value: str | None) -> str | None:
-    if value is None:
-        return None
-    if value == "":
-        raise _fail(
-            "is empty; write null for no regex, or a pattern such as "
-            r'"https://[a-z0-9-]+\.example\.com"'
-        )
-    try:
-        compile_origin_regex(value)
-    except re.error as e:
-        if str(e).startswith("RE2 "):  # valid for Python re, refused by the core: says why
-            raise _fail(f"{json.dumps(value)}: {e}") from None
-        raise _fail(
-            f"{json.dumps(value)} is not a valid regular expression ({e}); fix the pattern, "
-            r'e.g. "https://[a-z0-9-]+\.example\.com" (it must match the whole origin)'
-        ) from None
-    return value
-
-
-def _check_method(value: str) -> str:
-    if not is_token(value):
-        raise _fail(
-            f"{json.dumps(value)} is not a valid method name (an RFC 9110 token: letters, "
-            "digits and !#$%&'*+-.^_`|~, no spaces or commas); write one method per list item, "
-            "e.g. [GET, PUT]"
-        )
-    return value
-
-
-def _check_header(value: str) -> str:
-    if not is_token(value):
-        raise _fail(
-            f"{json.dumps(value)} is not a valid header name (an RFC 9110 token: letters, "
-            "digits and !#$%&'*+-.^_`|~, no spaces or commas); write one header per list "
-            "item, e.g. [Content-Type, X-Request-Id]"
-        )
-    return value
-
-
-def _check_upstream_url(value: str | None) -> str | None:
-    if value is None:
-        return None
-    shown = json.dumps(value)
-    example = "http://127.0.0.1:8000"
-    if not value or any(c.isspace() for c in value):
-        raise _fail(f"{shown} is not a URL; write e.g. {example!r}".replace("'", '"'))
-    if "://" not in value:
-        raise _fail(f'{shown} needs a scheme: write "http://{value.lstrip("/")}"')
-    parts = urlsplit(value)
-    if parts.scheme.lower() not in ("http", "https"):
-        raise _fail(
-            f'{shown}: the scheme must be http or https, not "{parts.scheme}"; '
-            f'write e.g. "{example}"'
-        )
-    if not parts.hostname:
-        raise _fail(f'{shown} has no host; write e.g. "{example}"')
-    if "@" in parts.netloc:
-        raise _fail(f"{shown}: a user name or password in the URL is not supported; remove it")
-    try:
-        parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError:
-        raise _fail(f'{shown} has an invalid port; use 1-65535, e.g. "{example}"') from None
-    if parts.query or value.endswith("?"):
-        raise _fail(
-            f"{shown} has a query; the upstream URL may carry a base path but no query: "
-            f'remove "?{parts.query}"'
-        )
-    if parts.fragment or "#" in value:
-        raise _fail(f'{shown} has a fragment; remove "#{parts.fragment}"')
-    return value
-
-
-def _check_listen_host(value: str) -> str:
-    shown = json.dumps(value)
-    if not value or any(c.isspace() for c in value):
-        raise _fail(f'{shown} is not a host; write e.g. "127.0.0.1" (loopback) or "0.0.0.0" (all)')
-    if "://" in value or "/" in value:
-        host = urlsplit(value if "://" in value else "//" + value).hostname or "127.0.0.1"
-        raise _fail(f'{shown} is a URL; listen.host takes an address only: write "{host}"')
-    if value.startswith("[") and value.endswith("]"):
-        raise _fail(f'{shown}: write the IPv6 address without brackets: "{value[1:-1]}"')
-    if value.count(":") == 1:
-        host, port = value.split(":")
-        raise _fail(
-            f'{shown} has a port; write host: "{host or "0.0.0.0"}" and put the port in '
-            f"listen.port ({port})"
-        )
-    return value
-
-
-def _check_route_path(value: str) -> str:
-    shown = json.dumps(value)
-    if not value.startswith("/"):
-        raise _fail(f'{shown} must start with "/": write "/{value.lstrip("/")}"')
-    if any(c.isspace() for c in value):
-        raise _fail(f"{shown} contains whitespace; write the raw (percent-encoded) path")
-    if "?" in value or "#" in value:
-        base = re.split(r"[?#]", value, maxsplit=1)[0]
-        raise _fail(f'{shown}: a route matches the request path without the query; write "{base}"')
-    if "*" in value:
-        base = value.split("*", 1)[0].rstrip("/") or "/"
-        raise _fail(
-            f'{shown}: route paths are prefixes, not patterns: write "{base}" (it matches '
-            f'"{base}" and everything under it)'
-        )
-    return value
 
 
 # ---------------------------------------------------------------------------
@@ -609,93 +402,6 @@ def config_json_schema() -> dict[str, Any]:
     return ConfigModel.model_json_schema()
 
 
-# ---------------------------------------------------------------------------
-# Pydantic errors -> plain English
-# ---------------------------------------------------------------------------
-
-_EXAMPLES = {
-    "listen": "listen: {host: 127.0.0.1, port: 8080}",
-    "upstream": "upstream: {url: http://127.0.0.1:8000}",
-    "cors": "cors: {allow_origins: [https://app.example.com]}",
-    "routes": "routes: [{path: /api, cors: {allow_credentials: true}}]",
-    "host": "host: 127.0.0.1",
-    "port": "port: 8080",
-    "max_body_size": "max_body_size: 10485760",
-    "shutdown_grace": "shutdown_grace: 10",
-    "workers": "workers: auto",
-    "url": "url: http://127.0.0.1:8000",
-    "connect_timeout": "connect_timeout: 5",
-    "timeout": "timeout: 60",
-    "preserve_host": "preserve_host: false",
-    "allow_origins": "allow_origins: [https://app.example.com]",
-    "allow_origin_regex": r'allow_origin_regex: "https://[a-z0-9-]+\.example\.com"',
-    "allow_methods": "allow_methods: [GET, POST]",
-    "allow_headers": "allow_headers: [Authorization, X-Request-Id]",
-    "allow_credentials": "allow_credentials: true",
-    "expose_headers": "expose_headers: [X-Request-Id]",
-    "max_age": "max_age: 600",
-    "allow_private_network": "allow_private_network: false",
-    "enforce": "enforce: false",
-    "path": "path: /api",
-}
-
-_STR_LISTS = ("allow_origins", "allow_methods", "allow_headers", "expose_headers")
-_RANGE_HINTS = {
-    "port": "0 picks any free port",
-    "max_body_size": "it is in bytes; write null for no limit",
-    "shutdown_grace": "seconds; 0 means stop at once",
-    "workers": "processes; auto or 0 means one per CPU core",
-    "connect_timeout": "seconds; fractions like 0.5 are fine",
-    "timeout": "seconds; fractions like 0.5 are fine",
-    "max_age": "seconds a browser may cache the preflight answer; 0 disables caching",
-}
-
-_EXPECTED = {
-    "string_type": "expected a string",
-    "bool_type": "expected true or false",
-    "int_type": "expected a whole number",
-    "float_type": "expected a number",
-    "list_type": "expected a list",
-    "model_type": "expected a mapping (key: value)",
-    "dict_type": "expected a mapping (key: value)",
-    "model_attributes_type": "expected a mapping (key: value)",
-}
-
-
-def _describe(value: Any) -> str:
-    """A YAML value named the way the user wrote it."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        shown = value if len(value) <= 60 else value[:60] + "..."
-        return f"the string {json.dumps(shown)}"
-    if isinstance(value, int | float):
-        return f"the number {value}"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    return f"a {type(value).__name__}"
-
-
-_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
-
-
-def _path(loc: tuple[Any, ...]) -> str:
-    """``("routes", 0, "cors")`` -> ``routes[0].cors``; odd keys are quoted."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif _PLAIN_KEY.fullmatch(str(part)):
-            out += ("." if out else "") + str(part)
-        else:
-            out += f"[{json.dumps(str(part))}]"
-    return out
-
-
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     """The model that owns the mapping at ``loc`` (for "allowed keys" lists)."""
     model: type[BaseModel] = ConfigModel
@@ -714,161 +420,6 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
         else:
             return None
     return model
-
-
-def _field_name(loc: tuple[Any, ...]) -> str | None:
-    names = [p for p in loc if isinstance(p, str)]
-    return names[-1] if names else None
-
-
-def _english(err: Mapping[str, Any]) -> tuple[tuple[Any, ...], str]:
-    """One pydantic error as (loc, message with the fix)."""
-    kind = err["type"]
-    loc = tuple(err["loc"])
-    value = err.get("input")
-    ctx = err.get("ctx") or {}
-    name = _field_name(loc)
-    example = _EXAMPLES.get(name or "", "")
-    for_example = f"; for example: {example}" if example else ""
-
-    if kind == "corsproxy":
-        return loc, err["msg"]
-    if kind == "extra_forbidden":
-        model = _model_at(loc[:-1])
-        allowed = list(model.model_fields) if model else []
-        key = str(loc[-1])
-        hint = difflib.get_close_matches(key, allowed, n=1)
-        maybe = f"did you mean {hint[0]}? " if hint else ""
-        return loc, f"unknown key; {maybe}allowed keys here: {', '.join(allowed)}"
-    if kind == "invalid_key":
-        model = _model_at(loc[:-1])
-        allowed = ", ".join(model.model_fields) if model else "names"
-        return loc[:-1], f"{_describe(value)} is not a valid key; allowed keys here: {allowed}"
-    if kind == "missing":
-        return loc, f"is missing; add it, for example: {example}"
-    if kind in _EXPECTED:
-        expected = _EXPECTED[kind]
-        if kind == "list_type" and name in _STR_LISTS:
-            expected = "expected a list (or a single string)"
-        if isinstance(loc[-1], int) and name == "routes":
-            got = _describe(value)
-            return loc, f"expected a mapping with path and cors, got {got}{for_example}"
-        if value is None and name == "allow_origins":
-            return loc, (
-                'got null; to allow the "null" origin (sandboxed iframes, file: pages) write it '
-                'in quotes: "null"'
-            )
-        if kind == "float_type" and name in _RANGE_HINTS:
-            expected = f"expected a number ({_RANGE_HINTS[name]})"
-        return loc, f"{expected}, got {_describe(value)}{for_example}"
-    if kind in ("greater_than", "greater_than_equal", "less_than_equal", "less_than"):
-        bound = next(iter(ctx.values()), "?")
-        if isinstance(bound, float) and bound.is_integer():
-            bound = int(bound)
-        rule = {
-            "greater_than": f"must be more than {bound}",
-            "greater_than_equal": f"must be {bound} or more",
-            "less_than_equal": f"must be at most {bound}",
-            "less_than": f"must be less than {bound}",
-        }[kind]
-        hint = _RANGE_HINTS.get(name or "")
-        hint = f" ({hint})" if hint else ""
-        return loc, f"{rule}, got {value}{hint}{for_example}"
-    if kind == "finite_number":
-        return loc, f"must be a finite number, got {value}{for_example}"
-    return loc, f"{err['msg']}{for_example}"  # pragma: no cover - a type we did not map
-
-
-# ---------------------------------------------------------------------------
-# YAML
-# ---------------------------------------------------------------------------
-
-Loc = tuple[Any, ...]
-
-
-@dataclass
-class _Document:
-    """A parsed YAML file: the data, where each key and item is (for sorting the
-    messages in file order), and the duplicate keys found."""
-
-    data: Any
-    positions: dict[Loc, tuple[int, int]]
-    duplicates: list[tuple[Loc, str]]
-
-
-def _yaml_error(source: str, e: yaml.YAMLError, text: str) -> str:
-    if isinstance(e, yaml.reader.ReaderError):  # a character YAML does not allow
-        line = text.count("\n", 0, e.position) + 1
-        column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
-        return (
-            f"{source}: line {line}, column {column}: YAML syntax error: character "
-            f"U+{e.character:04X} is not allowed in YAML; remove it"
-        )
-    mark = getattr(e, "problem_mark", None)
-    problem = getattr(e, "problem", None) or str(e)
-    where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
-    context = getattr(e, "context", None)
-    context_mark = getattr(e, "context_mark", None)
-    extra = ""
-    if context and context_mark is not None:
-        extra = f" ({context} at line {context_mark.line + 1})"
-    elif context:
-        extra = f" ({context})"
-    fix = "fix the YAML syntax there"
-    if "\\t" in problem or "\t" in problem:
-        fix = "indent with spaces, not tabs"
-    elif "expected a single document" in problem:
-        fix = "keep a single document in the file (remove the extra ---)"
-    return f"{source}: {where}: YAML syntax error: {problem}{extra}; {fix}"
-
-
-def _walk(node: yaml.Node, loc: Loc, doc: _Document) -> None:
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[str, int] = {}
-        for key_node, value_node in node.value:
-            if not isinstance(key_node, yaml.ScalarNode):
-                continue
-            here = (*loc, key_node.value)
-            line = key_node.start_mark.line + 1
-            if key_node.value in seen:
-                doc.duplicates.append(
-                    (
-                        here,
-                        f"written twice (lines {seen[key_node.value]} and {line}); YAML keeps "
-                        f"only the last one, so remove one or merge them",
-                    )
-                )
-            else:
-                seen[key_node.value] = line
-                doc.positions[here] = (key_node.start_mark.line, key_node.start_mark.column)
-            _walk(value_node, here, doc)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            doc.positions[(*loc, i)] = (item.start_mark.line, item.start_mark.column)
-            _walk(item, (*loc, i), doc)
-
-
-def _read_yaml(text: str, source: str) -> _Document:
-    """Parse ``text``; a syntax error raises :class:`ConfigError` at once (nothing
-    else can be checked then)."""
-    loader = None
-    try:
-        loader = yaml.SafeLoader(text)
-        node = loader.get_single_node()
-        doc = _Document(None, {}, [])
-        if node is not None:
-            _walk(node, (), doc)
-            doc.data = loader.construct_document(node)
-    except yaml.YAMLError as e:
-        raise ConfigError([_yaml_error(source, e, text)]) from None
-    except RecursionError:
-        raise ConfigError(
-            [f"{source}: YAML: the document is nested too deeply; flatten it"]
-        ) from None
-    finally:
-        if loader is not None:
-            loader.dispose()
-    return doc
 
 
 # ---------------------------------------------------------------------------
@@ -1115,7 +666,10 @@ def parse_config(
     makes a missing upstream URL an error. Raises :class:`ConfigError` with every
     problem found, in file order.
     """
-    doc = _read_yaml(text, source)
+    try:
+        doc = _read_yaml(text, source)
+    except _YamlError as e:
+        raise ConfigError([e.line]) from None
     raw = {} if doc.data is None else doc.data
     if not isinstance(raw, dict):
         raise ConfigError(
@@ -1139,7 +693,7 @@ def parse_config(
     try:
         model = ConfigModel.model_validate(raw)
     except ValidationError as e:
-        errors += [_english(err) for err in e.errors(include_url=False)]
+        errors += [_english(err, _model_at) for err in e.errors(include_url=False)]
 
     # Merged checks, on every value that is valid by itself.
     top_written = _valid_fields(raw.get("cors"))
