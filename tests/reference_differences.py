@@ -549,7 +549,8 @@ DIFFERENCES: tuple[Difference, ...] = (
         "ORIGIN_REGEX_ON_RE2",
         "`allow_origin_regex` runs on RE2: linear time, so a pattern like `(a+)+` can't stall "
         "a request, and a pattern RE2 can't run (look-arounds, back-references) or reads "
-        "differently from `re` (`{,n}`, `[[:alpha:]]`) is a config error. Starlette compiles any Python `re` pattern and backtracks. (For patterns with "
+        "differently from `re` (`{,n}`, `[[:alpha:]]`) is a config error. Starlette "
+        "compiles any Python `re` pattern and backtracks. (For patterns with "
         "nested quantifiers the suite matches Starlette's regex with RE2 too: `re` would not "
         "finish.)",
         "The regex runs on unauthenticated input before anything else; backtracking patterns "
