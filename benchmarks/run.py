@@ -375,7 +375,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--rounds",
         type=int,
         default=1,
-        help="run the whole plan N times; each cell keeps its best round (default 1)",
+        help="run the whole plan N times; each cell keeps its median round (default 1)",
     )
     parser.add_argument("--connections", type=int, default=50, help="wrk connections (50)")
     parser.add_argument("--threads", type=int, default=2, help="wrk threads (2)")
@@ -452,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         ports = start_servers(procs, run_dir, nginx, {t for t, _ in plan}, args)
         for t, p in plan:
             probe(t, ports[t], SCENARIOS[p], TARGETS[t][2])
+        rounds: dict[tuple[str, str], list[dict]] = {}
         for round_no in range(1, args.rounds + 1):
             if args.rounds > 1:
                 print(f"round {round_no} of {args.rounds}", flush=True)
@@ -459,10 +460,12 @@ def main(argv: list[str] | None = None) -> int:
                 if args.warmup:
                     run_wrk(wrk, ports[t], SCENARIOS[p], args, args.warmup)
                 r = run_wrk(wrk, ports[t], SCENARIOS[p], args, args.duration)
-                # Several rounds: keep each cell's best (least disturbed) measurement.
-                if (t, p) not in results or r["rps"] > results[(t, p)]["rps"]:
-                    results[(t, p)] = r
+                rounds.setdefault((t, p), []).append(r)
                 print(f"  {SCENARIOS[p].label:<18} {t:<17} {cell(r)}", flush=True)
+        # Several rounds: each cell keeps its median round by requests/s (the upper one
+        # for an even count), so one disturbed round moves nothing.
+        for key, runs in rounds.items():
+            results[key] = sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
     except BenchError as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
         return 1
