@@ -47,14 +47,15 @@ class UsageError(Exception):
 # ---------------------------------------------------------------------------
 
 
-def _config_arg(parser: argparse.ArgumentParser) -> None:
+def _config_arg(parser: Any, purpose: str = "the YAML config file") -> None:
+    """``--config FILE``, defaulting to $CORSPROXY_CONFIG (``parser`` may be a group)."""
     env = os.environ.get(ENV_CONFIG) or None
     parser.add_argument(
         "--config",
         "-c",
         metavar="FILE",
         default=env,
-        help=f"the YAML config file (default: ${ENV_CONFIG}"
+        help=f"{purpose} (default: ${ENV_CONFIG}"
         + (f", now {env!r})" if env else ", which is not set)"),
     )
 
@@ -185,14 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group = p.add_mutually_exclusive_group()
     group.add_argument("--url", metavar="URL", help=f"the proxy's URL (default {HEALTHCHECK_URL})")
-    env = os.environ.get(ENV_CONFIG) or None
-    group.add_argument(
-        "--config",
-        "-c",
-        metavar="FILE",
-        default=env,
-        help=f"take the address from this config (default: ${ENV_CONFIG})",
-    )
+    _config_arg(group, "take the address from this config")
     return parser
 
 
