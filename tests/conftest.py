@@ -20,9 +20,11 @@ sockets; nothing is mocked.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import socket
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +44,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def unconnectable_port() -> Iterator[int]:
+    """A loopback port whose connects hang: a listening socket with a full accept
+    queue, so the kernel drops further SYNs until the client's connect timeout."""
+    blocker = socket.socket()
+    fillers: list[socket.socket] = []
+    try:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen(0)
+        port = blocker.getsockname()[1]
+        for _ in range(4):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        time.sleep(0.1)  # let the fillers' handshakes land in the queue
+        yield port
+    finally:
+        for filler in fillers:
+            filler.close()
+        blocker.close()
 
 
 def cors_of(headers: Iterable[tuple[str, str]]) -> dict[str, str]:

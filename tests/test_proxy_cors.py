@@ -6,10 +6,9 @@ Each test checks the FULL set of Access-Control-* headers the client received.
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import pytest
-from conftest import Reply, free_port, raw_response, status_of
+from conftest import Reply, free_port, raw_response, status_of, unconnectable_port
 
 APP = "https://app.example.com"
 EVIL = "https://evil.example"
@@ -247,28 +246,11 @@ async def test_no_response_headers_within_timeout_gives_504_with_cors_headers(
 
 
 async def test_connect_timeout_gives_504_with_cors_headers(make_proxy, http):
-    # A listening socket whose accept queue is full: the kernel drops further SYNs,
-    # so connecting hangs until the proxy's connect timeout.
-    blocker = socket.socket()
-    blocker.bind(("127.0.0.1", 0))
-    blocker.listen(0)
-    port = blocker.getsockname()[1]
-    fillers = []
-    try:
-        for _ in range(4):
-            s = socket.socket()
-            s.setblocking(False)
-            s.connect_ex(("127.0.0.1", port))
-            fillers.append(s)
-        await asyncio.sleep(0.1)
+    with unconnectable_port() as port:
         proxy = await make_proxy(
             cors=POLICY, upstream_url=f"http://127.0.0.1:{port}", upstream={"connect_timeout": 0.3}
         )
         result = await http.request("GET", proxy.url + "/", {"Origin": APP})
-    finally:
-        for s in fillers:
-            s.close()
-        blocker.close()
     assert result.status == 504
     assert result.cors == ALLOWED
     assert b"within upstream.connect_timeout (0.3 s)" in result.body

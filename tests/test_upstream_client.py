@@ -16,6 +16,7 @@ import subprocess
 from collections.abc import Awaitable, Callable
 
 import pytest
+from conftest import free_port, unconnectable_port
 
 from corsproxy.upstream import (
     BodyError,
@@ -621,8 +622,8 @@ async def test_early_response_before_the_body_is_sent(serve):
     assert server.connections == 2
 
 
-async def test_max_connections_makes_requests_wait(serve):
-    gate = asyncio.Event()
+def gated_handler(gate: asyncio.Event) -> Callable[[Conn], Awaitable[None]]:
+    """An upstream that reads each request head, then answers OK once ``gate`` is set."""
 
     async def handle(conn: Conn) -> None:
         while True:
@@ -631,6 +632,12 @@ async def test_max_connections_makes_requests_wait(serve):
                 await gate.wait()
             await conn.send(OK)
 
+    return handle
+
+
+async def test_max_connections_makes_requests_wait(serve):
+    gate = asyncio.Event()
+    handle = gated_handler(gate)
     server, pool = await serve(handle, {"max_connections": 2})
     tasks = [asyncio.create_task(fetch(pool)) for _ in range(5)]
     async with asyncio.timeout(IO):
@@ -656,14 +663,7 @@ async def test_idle_connections_expire(serve):
 
 async def test_max_idle_limits_kept_connections(serve):
     gate = asyncio.Event()
-
-    async def handle(conn: Conn) -> None:
-        while True:
-            await conn.head()
-            async with asyncio.timeout(IO):
-                await gate.wait()
-            await conn.send(OK)
-
+    handle = gated_handler(gate)
     server, pool = await serve(handle, {"max_idle": 1})
     tasks = [asyncio.create_task(fetch(pool)) for _ in range(3)]
     async with asyncio.timeout(IO):
@@ -793,11 +793,7 @@ async def test_head_timeout_starts_once_the_body_is_sent(serve):
 
 
 async def test_connection_refused(serve):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens there
     pool = UpstreamPool(f"http://127.0.0.1:{port}", connect_timeout=2, timeout=2)
     with pytest.raises(ConnectError, match="refused") as info:
         await pool.request("GET", "/", [("Host", "up")])
@@ -806,28 +802,11 @@ async def test_connection_refused(serve):
 
 
 async def test_connect_timeout():
-    import socket
-
-    blocker = socket.socket()
-    blocker.bind(("127.0.0.1", 0))
-    blocker.listen(0)
-    port = blocker.getsockname()[1]
-    fillers = []
-    try:
-        for _ in range(4):
-            s = socket.socket()
-            s.setblocking(False)
-            s.connect_ex(("127.0.0.1", port))
-            fillers.append(s)
-        await asyncio.sleep(0.1)
+    with unconnectable_port() as port:
         pool = UpstreamPool(f"http://127.0.0.1:{port}", connect_timeout=0.2, timeout=2)
         with pytest.raises(ConnectTimeout, match="0.2 s"):
             await pool.request("GET", "/", [("Host", "up")])
         await pool.close()
-    finally:
-        for s in fillers:
-            s.close()
-        blocker.close()
 
 
 async def test_reset_after_the_request(serve):
