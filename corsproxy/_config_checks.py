@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 from pydantic_core import PydanticCustomError
 
-from .core import compile_origin_regex, is_token
+from .core import DEFAULT_PORTS, compile_origin_regex, is_token
 
 
 def _fail(message: str) -> PydanticCustomError:
@@ -28,7 +28,6 @@ _HOSTNAME = re.compile(
     r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?)*"
 )
 _IPV6 = re.compile(r"\[[0-9a-f:.]+\]")
-_DEFAULT_PORTS = {"http": "80", "https": "443", "ws": "80", "wss": "443"}
 _PATTERN_FIX = (
     'list the origins explicitly (e.g. "https://app.example.com"), '
     'or use a pattern like "https://*.example.com" or allow_origin_regex'
@@ -46,7 +45,7 @@ def _fixed_origin(value: str) -> str:
     hostport = hostport.rsplit("@", 1)[-1]
     if ":" in hostport and not hostport.endswith("]"):
         host, port = hostport.rsplit(":", 1)
-        if port.isdigit() and str(int(port)) == _DEFAULT_PORTS.get(scheme):
+        if port.isdigit() and str(int(port)) == DEFAULT_PORTS.get(scheme):
             hostport = host
         elif port.isdigit():
             hostport = f"{host}:{int(port)}"
@@ -114,7 +113,7 @@ def origin_problem(value: str) -> str | None:
     if port is not None:
         if not port.isdigit() or not 0 < int(port) <= 65535:
             return f"{shown} has an invalid port {json.dumps(port)}; use 1-65535 or no port"
-        if port == _DEFAULT_PORTS.get(scheme):
+        if port == DEFAULT_PORTS.get(scheme):
             return (
                 f'{shown}: ":{port}" is the default port for {scheme} and browsers never '
                 f"send it: write {json.dumps(fixed)}"

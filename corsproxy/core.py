@@ -33,6 +33,7 @@ _RE2_OPTIONS.log_errors = False
 
 __all__ = [
     "ACTUAL_VARY",
+    "DEFAULT_PORTS",
     "PREFLIGHT_VARY",
     "SAFELISTED_REQUEST_HEADERS",
     "CorsPolicy",
@@ -75,7 +76,8 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # One or more DNS-ish labels, lower case only (browsers serialize hosts lower-cased).
 _LABELS = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?)*")
 _VISIBLE = re.compile(r"[!-~]+")
-_DEFAULT_PORTS = {"http": "80", "https": "443", "ws": "80", "wss": "443"}
+#: The port a browser leaves out of a serialized origin, per scheme.
+DEFAULT_PORTS = {"http": "80", "https": "443", "ws": "80", "wss": "443"}
 
 
 def is_token(value: str) -> bool:
@@ -519,7 +521,7 @@ def _same_origin(origin: str, req: RequestView) -> bool:
     if not host:
         return False
     host = host.lower()
-    default = _DEFAULT_PORTS.get(req.scheme)
+    default = DEFAULT_PORTS.get(req.scheme)
     if default and host.endswith(":" + default):
         host = host[: -len(default) - 1]
     return origin == f"{req.scheme}://{host}"
