@@ -13,7 +13,7 @@ problems arrive as :class:`~corsproxy.config.ConfigError` lines, file problems a
 
 ``--config`` defaults to the ``CORSPROXY_CONFIG`` environment variable in every
 command. ``run`` and ``demo`` import the server lazily, so ``check``, ``explain``
-and ``schema`` start fast and never load aiohttp.
+and ``schema`` start fast and never load the server.
 """
 
 from __future__ import annotations

@@ -123,6 +123,11 @@ class ListenConfig:
     max_body_size: int | None = None
     shutdown_grace: float = 10.0
     workers: int = 1
+    header_timeout: float = 10.0
+    keepalive_timeout: float = 75.0
+    body_timeout: float = 60.0
+    send_timeout: float = 60.0
+    max_header_size: int = 32768
 
 
 @dataclass(frozen=True)
@@ -134,6 +139,8 @@ class UpstreamConfig:
     connect_timeout: float = 5.0
     timeout: float = 60.0
     preserve_host: bool = False
+    max_connections: int = 1024
+    idle_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -256,6 +263,31 @@ class ListenModel(BaseModel):
         description="Processes serving the port (SO_REUSEPORT); auto (or 0) means one per "
         "CPU core.",
     )
+    header_timeout: float = Field(
+        10.0, gt=0, allow_inf_nan=False,
+        description="Seconds a client has to send a whole request head (from the connection's "
+        "start or its first byte after an idle spell); then 408 and close. Protects against "
+        "silent and slowloris clients.",
+    )
+    keepalive_timeout: float = Field(
+        75.0, gt=0, allow_inf_nan=False,
+        description="Seconds an idle keep-alive client connection is kept open.",
+    )
+    body_timeout: float = Field(
+        60.0, gt=0, allow_inf_nan=False,
+        description="Seconds of silence allowed while a request body is being received; "
+        "then 408 and close (the upstream never sees a complete request).",
+    )
+    send_timeout: float = Field(
+        60.0, gt=0, allow_inf_nan=False,
+        description="Seconds a client may take none of the response; then the connection "
+        "is aborted (and the upstream connection dropped).",
+    )
+    max_header_size: int = Field(
+        32768, ge=1024, le=1048576,
+        description="Largest request head (request line and headers) in bytes; beyond it "
+        "431 and close.",
+    )
 
 
 class UpstreamModel(BaseModel):
@@ -280,6 +312,15 @@ class UpstreamModel(BaseModel):
     )
     preserve_host: bool = Field(
         False, description="true: forward the client's Host header instead of the upstream's."
+    )
+    max_connections: int = Field(
+        1024, ge=1, le=1000000,
+        description="Open upstream connections per worker at most; a request beyond it waits "
+        "up to connect_timeout for a free one, then gets 503.",
+    )
+    idle_timeout: float = Field(
+        30.0, gt=0, allow_inf_nan=False,
+        description="Seconds an idle pooled upstream connection is kept.",
     )
 
 
@@ -504,7 +545,7 @@ _STAR_WITH_CREDENTIALS = {
 }
 _FETCH_UPPERCASED = ("DELETE", "GET", "HEAD", "OPTIONS", "POST", "PUT")
 
-#: Methods the proxy's HTTP parser (llhttp, inside aiohttp's server) accepts on a
+#: Methods the proxy's HTTP parser (llhttp, through httptools) accepts on a
 #: request line; it answers any other method (lower case included) with its own 400
 #: before corsproxy sees the request. tests/test_method_support.py checks this list
 #: against a live proxy, so it can't go stale.
@@ -752,10 +793,13 @@ def parse_config(
     return Config(
         source=source,
         listen=ListenConfig(
-            lm.host, lm.port, lm.max_body_size, float(lm.shutdown_grace), lm.workers
+            lm.host, lm.port, lm.max_body_size, float(lm.shutdown_grace), lm.workers,
+            float(lm.header_timeout), float(lm.keepalive_timeout), float(lm.body_timeout),
+            float(lm.send_timeout), lm.max_header_size,
         ),
         upstream=UpstreamConfig(
-            um.url, float(um.connect_timeout), float(um.timeout), um.preserve_host
+            um.url, float(um.connect_timeout), float(um.timeout), um.preserve_host,
+            um.max_connections, float(um.idle_timeout),
         ),
         cors=cors,
         routes=routes,

@@ -13,9 +13,10 @@ when something failed, the error in words::
 
 (each is one line; wrapped here).
 
-aiohttp's own complaints about requests it could not parse (answered 400 before
-any handler runs) go to ``corsproxy.server``; :func:`setup_logging` renders those
-as one line too, without a traceback.
+Requests the server refuses before they can be parsed (400 from the parser, 408,
+431, 505) get an access line too, with ``-`` for the method and path and the
+cause in ``error``. Other records (start, stop, internal errors) are rendered as
+one line each by :func:`setup_logging`, without a traceback.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from typing import Any
 __all__ = [
     "ACCESS_LOGGER",
     "LOG_FORMATS",
-    "SERVER_LOGGER",
     "AccessTemplate",
     "AccessWriter",
     "access_line",
@@ -41,8 +41,6 @@ __all__ = [
 
 LOG_FORMATS = ("text", "json")
 ACCESS_LOGGER = logging.getLogger("corsproxy.access")
-#: Passed to aiohttp as its server logger (parse errors, dropped connections).
-SERVER_LOGGER = logging.getLogger("corsproxy.server")
 
 
 _second: list[Any] = [-1, ""]  # (whole second, its formatted prefix): one strftime a second
@@ -246,8 +244,8 @@ def event_line(log_format: str, event: str, message: str, **fields: Any) -> str:
 
 
 class _OneLineFormatter(logging.Formatter):
-    """Records from aiohttp (``corsproxy.server``) and the proxy's own events as one
-    line each: the exception's first line instead of a traceback."""
+    """The proxy's own events as one line each: the exception's first line instead
+    of a traceback."""
 
     def __init__(self, log_format: str) -> None:
         super().__init__()
@@ -261,8 +259,7 @@ class _OneLineFormatter(logging.Formatter):
             exc = record.exc_info[1]
             detail = " ".join(str(exc).split()) or type(exc).__name__
             message = f"{message}: {detail}"
-        event = "server-error" if record.name == SERVER_LOGGER.name else "log"
-        return event_line(self.log_format, event, message, level=record.levelname.lower())
+        return event_line(self.log_format, "log", message, level=record.levelname.lower())
 
 
 def setup_logging(log_format: str = "text", stream: Any = None) -> None:
@@ -279,7 +276,3 @@ def setup_logging(log_format: str = "text", stream: Any = None) -> None:
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     root.propagate = False
-    # aiohttp reports a bad request line on a connection's first request (often
-    # not HTTP at all, e.g. TLS to a plain port) at debug level; it is still one
-    # rejected request, so it gets its line like the other parse errors.
-    SERVER_LOGGER.setLevel(logging.DEBUG)

@@ -1,66 +1,69 @@
-"""The proxy: an aiohttp server that puts the CORS decision core in front of an upstream.
+"""The proxy: the CORS decision core in front of an upstream, on the proxy's own
+HTTP/1.1 server (:mod:`corsproxy.httpserver`).
 
-Request flow (one handler, :func:`_handle`, for every method and path):
+One front door: :class:`ProxyServer` is what ``corsproxy run`` serves and what the
+tests start; every request goes through :class:`Proxy` (``fast`` then ``serve``).
 
-1. A :class:`~corsproxy.core.RequestView` is built from the raw request (every
-   ``Origin`` and ``Access-Control-Request-Headers`` line, the raw path without
-   the query, ``Host``, scheme) and ``config.router.decide()`` is asked.
-2. When the decision has a status (preflight 200/400, ``enforce`` 403) the proxy
-   answers itself with the decision's headers and ``Vary``; nothing goes upstream.
+Request flow:
+
+1. The server has parsed and checked the head (version, framing, size, timeouts).
+   :meth:`Proxy.fast` checks the request target and Host (:mod:`corsproxy._wire`:
+   dot-segments, CONNECT, ``OPTIONS *``, a bad Host: answered 400/405 with the
+   route's CORS headers, connection closed) and answers a preflight from whole
+   precomputed responses when it can.
+2. Otherwise :meth:`Proxy.serve` asks ``config.router.decide()``. When the decision
+   has a status (preflight 200/400, ``enforce`` 403) the proxy answers itself with
+   the decision's headers and ``Vary``; nothing goes upstream.
 3. Otherwise the request is forwarded (``corsproxy.forwarding`` says what changes
    on the way) with the body streamed, and the upstream's response is streamed
    back with its ``Access-Control-*`` headers replaced by the decision's and the
-   decision's ``Vary`` names merged in.
+   decision's ``Vary`` names merged in. Header names and values pass byte for byte
+   both ways (latin-1 text in between).
 4. Responses the proxy makes when forwarding fails carry the decision's CORS
-   headers too, so a browser app sees the real status instead of a "CORS error":
+   headers too, so a browser app sees the real status instead of a "CORS error".
+   Their bodies name the cause in generic words; the access line adds the
+   upstream's address and the low-level detail:
 
    - 502: the upstream refused or reset the connection, or sent no valid response;
-   - 504: no connection within ``upstream.connect_timeout``, or no response
-     headers within ``upstream.timeout`` after the request was sent;
+   - 503: every upstream connection (``upstream.max_connections``) stayed busy for
+     ``upstream.connect_timeout``;
+   - 504: no connection within ``upstream.connect_timeout``; no response headers
+     within ``upstream.timeout`` after the request was sent; or the upstream took
+     none of the request body for ``upstream.timeout``;
    - 413: the request body is over ``listen.max_body_size`` (from Content-Length
      before anything is sent; while streaming for chunked bodies, and then the
      upstream connection is dropped so it never sees a complete request);
-   - 400: a request the proxy can't forward (e.g. a header value that is not UTF-8).
+   - 408: the client sent no body bytes for ``listen.body_timeout``; 400: the
+     client's body was broken (the upstream connection is dropped in both cases).
 
-5. One log line per request (``corsproxy.logs``).
+5. One access line per request (``corsproxy.logs``).
 
-One :class:`~corsproxy.upstream.UpstreamPool` per app, opened and closed by
-``cleanup_ctx``: the proxy's own HTTP/1.1 client (keep-alive connections on asyncio
-protocols, llhttp's parser). It sends exactly the headers ``corsproxy.forwarding``
-computed, keeps no cookies, never decompresses (bodies pass byte for byte) and never
-follows redirects: none of that exists in it.
+The upstream side is :class:`~corsproxy.upstream.UpstreamPool`, the proxy's own
+HTTP/1.1 client: it sends exactly the headers ``corsproxy.forwarding`` computed,
+keeps no cookies, never decompresses (bodies pass byte for byte) and never follows
+redirects.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
-from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
-from aiohttp import hdrs, web
-from aiohttp.helpers import rfc822_formatted_time
-from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
-from multidict import CIMultiDict
-
+from ._wire import Rejected, check_host, check_target, date_line, reason_phrase, render_head
 from .core import Decision, Kind, RequestView, Router
-from .forwarding import (
-    HeaderError,
-    UpstreamTarget,
-    decode_request_headers,
-    response_headers,
-    upstream_request_headers,
-)
+from .forwarding import UpstreamTarget, response_headers, upstream_request_headers
+from .httpserver import ClientError, HttpServer, Limits, Request, Response
 from .logs import (
     ACCESS_LOGGER,
     LOG_FORMATS,
-    SERVER_LOGGER,
     AccessTemplate,
     access_line,
     access_writer,
@@ -73,7 +76,9 @@ from .upstream import (
     ConnectTimeout,
     Disconnected,
     InvalidResponse,
+    PoolTimeout,
     ResponseTimeout,
+    SendTimeout,
     UpgradeResponse,
     UpstreamError,
     UpstreamPool,
@@ -83,7 +88,7 @@ from .upstream import (
 if TYPE_CHECKING:
     from .config import Config
 
-__all__ = ["build_app", "run_server", "serve"]
+__all__ = ["Proxy", "ProxyServer", "describe_error", "new_event_loop", "run_server", "serve"]
 
 log = logging.getLogger("corsproxy")
 
@@ -92,33 +97,102 @@ log = logging.getLogger("corsproxy")
 #: only without a body, like nginx's proxy_next_upstream default.
 _RETRY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _TEXT = "text/plain; charset=utf-8"
-# Marks a forwarded response: headers aiohttp adds on its own that the upstream
-# did not send are taken out again just before the headers go out.
-_STRIP_AUTO = "corsproxy.strip_auto"
+_CRLF = b"\r\n"
 
 
-class _State:
-    """Per-app values, computed once from the config."""
+# ---------------------------------------------------------------------------
+# responses the proxy makes itself
+# ---------------------------------------------------------------------------
 
-    __slots__ = (
-        "router",
-        "target",
-        "preserve_host",
-        "max_body_size",
-        "connect_timeout",
-        "timeout",
-        "log_format",
-        "session",
-        "write_access",
-        "preflights",
+
+def _own_head(decision: Decision, status: int, body: bytes) -> bytes:
+    """Status line and headers (CRLF after each, no blank line, no Date) of an
+    answer the proxy makes: the decision's CORS headers, Vary, a text body."""
+    lines = [(name, value) for name, value in decision.headers]
+    if decision.vary:
+        lines.append(("Vary", ", ".join(decision.vary)))
+    lines.append(("Content-Type", _TEXT))
+    lines.append(("Content-Length", str(len(body))))
+    return render_head(status, reason_phrase(status), lines)
+
+
+def _own_response(decision: Decision, status: int, text: str) -> bytes:
+    body = text.encode("utf-8")
+    try:
+        head = _own_head(decision, status, body)
+    except ValueError:  # odd bytes in an echoed value: answer without CORS headers
+        head = _own_head(_NO_DECISION, status, body)
+    return head + date_line() + _CRLF + body
+
+
+_NO_DECISION = Decision(Kind.NOT_CORS, False, None, (), ("Origin",), ("no decision",))
+
+
+class _Preflight:
+    """One preflight answer, computed once: the decision, the whole response except
+    its ``Date`` line, and its access line's fixed parts."""
+
+    __slots__ = ("decision", "status", "head", "tail", "log")
+
+    def __init__(self, decision: Decision, log_format: str, origin: str | None) -> None:
+        assert decision.status is not None
+        self.decision = decision
+        self.status = status = decision.status
+        body = decision.body.encode("utf-8")
+        self.head = _own_head(decision, status, body)
+        self.tail = _CRLF + body
+        self.log = AccessTemplate(
+            log_format, "OPTIONS", status, origin, decision.verdict, decision.route,
+            "; ".join(decision.reasons),
+        )
+
+
+#: Bounds on the preflight cache: entries, and the key size (characters in the
+#: Origin/ACRM/ACRH/ACRPN values) above which a preflight is decided uncached.
+_PREFLIGHT_CACHE_SIZE = 1024
+_PREFLIGHT_KEY_MAX = 1024
+
+
+class _Log:
+    """What the access line says about one request."""
+
+    __slots__ = ("upstream_ms", "error", "status")
+
+    def __init__(self) -> None:
+        self.upstream_ms: float | None = None
+        self.error: str | None = None
+        self.status: int | None = None
+
+
+def _request_view(request: Request, path: str) -> RequestView:
+    acrm = request.get_all("access-control-request-method")
+    return RequestView(
+        method=request.method,
+        path=path,
+        origin=tuple(request.get_all("origin")),
+        # Several ACRM lines are combined the HTTP way, which is not a valid method.
+        request_method=", ".join(acrm) if acrm else None,
+        request_headers=tuple(request.get_all("access-control-request-headers")),
+        request_private_network=request.get("access-control-request-private-network"),
+        host=request.get("host"),
+        scheme=request.scheme,
     )
 
-    def __init__(self, config: Config, log_format: str) -> None:
+
+class Proxy:
+    """The application behind :class:`~corsproxy.httpserver.HttpServer`: decides,
+    answers or forwards, and logs (one per listening process)."""
+
+    def __init__(self, config: Config, *, log_format: str = "text",
+                 write_access: Callable[[str], Any] | None = None) -> None:
+        if log_format not in LOG_FORMATS:
+            raise ValueError(f"log format {log_format!r}: use one of {', '.join(LOG_FORMATS)}")
         if config.upstream.url is None:
             raise ValueError(
                 f"{config.source}: upstream.url: not set; add it to the config "
                 f"or pass --upstream URL"
             )
+        self.config = config
         self.router: Router = config.router
         self.target = UpstreamTarget(config.upstream.url)
         self.preserve_host = config.upstream.preserve_host
@@ -126,304 +200,346 @@ class _State:
         self.connect_timeout = config.upstream.connect_timeout
         self.timeout = config.upstream.timeout
         self.log_format = log_format
-        self.session: UpstreamPool | None = None
-        #: Where access lines go: the ``corsproxy.access`` logger, or (set by
-        #: :func:`serve`) a batching writer straight to stderr.
-        self.write_access: Callable[[str], Any] = ACCESS_LOGGER.info
+        self.pool: UpstreamPool | None = None
+        #: Where access lines go: the ``corsproxy.access`` logger, or a batching
+        #: writer straight to stderr (:func:`corsproxy.logs.access_writer`).
+        self.write_access: Callable[[str], Any] = write_access or ACCESS_LOGGER.info
         #: Whole preflight answers by (route, Origin lines, ACRM, ACRH lines, ACRPN).
         self.preflights: dict[tuple, _Preflight | None] = {}
+        self.closing = False
 
-
-STATE = web.AppKey("corsproxy_state", _State)
-
-
-def build_app(config: Config, *, log_format: str = "text") -> web.Application:
-    """The proxy as an aiohttp application (the upstream connection pool lives in its
-    ``cleanup_ctx``). ``log_format`` is ``"text"`` or ``"json"``."""
-    if log_format not in LOG_FORMATS:
-        raise ValueError(f"log format {log_format!r}: use one of {', '.join(LOG_FORMATS)}")
-    app = web.Application(
-        handler_args={
-            # aiohttp's own log lines (parse errors) and no aiohttp access log:
-            # the handler writes one line per request itself.
-            "logger": SERVER_LOGGER,
-            "access_log": None,
-            # A gzip request body must reach the upstream as gzip: aiohttp's server
-            # would otherwise inflate it and forward the result as "gzip".
-            "auto_decompress": False,
-        }
-    )
-    app[STATE] = _State(config, log_format)
-    app.cleanup_ctx.append(_upstream_session)
-    app.on_response_prepare.append(_strip_auto_headers)
-    # One catch-all route; [\s\S] so a decoded %0A in the path still matches.
-    app.router.add_route(hdrs.METH_ANY, r"/{path:[\s\S]*}", _handle, expect_handler=_no_expect)
-    return app
-
-
-async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
-    state = app[STATE]
-    state.session = UpstreamPool(
-        state.target.url,
-        connect_timeout=state.connect_timeout,
-        # "No response headers within upstream.timeout" once the request is sent,
-        # and the same bound on a silent upstream while the body streams.
-        timeout=state.timeout,
-    )
-    try:
-        yield
-    finally:
-        await state.session.close()
-        state.session = None
-
-
-async def _strip_auto_headers(request: web.BaseRequest, response: web.StreamResponse) -> None:
-    names = response.get(_STRIP_AUTO)
-    if names:
-        for name in names:
-            response.headers.popall(name, None)
-
-
-async def _no_expect(request: web.Request) -> None:
-    """``Expect: 100-continue`` is answered only once the body is really wanted
-    (see :func:`_forward`): a preflight, 403 or 413 needs no body."""
-    return None
-
-
-# ---------------------------------------------------------------------------
-# the handler
-# ---------------------------------------------------------------------------
-
-
-class _Log:
-    """What the access line says about one request."""
-
-    __slots__ = ("upstream_ms", "error", "streaming", "continued")
-
-    def __init__(self) -> None:
-        self.upstream_ms: float | None = None
-        self.error: str | None = None
-        self.continued = False  # "100 Continue" was sent
-        # The forwarded response once its headers are out: too late for a status.
-        self.streaming: web.StreamResponse | None = None
-
-
-def _request_view(request: web.BaseRequest, path: str) -> RequestView:
-    headers = request.headers
-    acrm = headers.getall(hdrs.ACCESS_CONTROL_REQUEST_METHOD, None)
-    return RequestView(
-        method=request.method,
-        path=path,
-        origin=tuple(headers.getall(hdrs.ORIGIN, ())),
-        # Several ACRM lines are combined the HTTP way, which is not a valid method.
-        request_method=None if acrm is None else ", ".join(acrm),
-        request_headers=tuple(headers.getall(hdrs.ACCESS_CONTROL_REQUEST_HEADERS, ())),
-        request_private_network=headers.get("Access-Control-Request-Private-Network"),
-        host=headers.get(hdrs.HOST),
-        scheme=request.scheme,
-    )
-
-
-async def _handle(request: web.Request) -> web.StreamResponse:
-    """The handler as an :class:`aiohttp.web.Application` route (``build_app``)."""
-    return await _handle_request(request.app[STATE], request)
-
-
-# ---------------------------------------------------------------------------
-# preflights from precomputed answers
-# ---------------------------------------------------------------------------
-
-#: Bounds on the preflight cache: entries, and the key size (characters in the
-#: Origin/ACRM/ACRH/ACRPN values) above which a preflight is decided uncached.
-_PREFLIGHT_CACHE_SIZE = 1024
-_PREFLIGHT_KEY_MAX = 1024
-_CRLF = b"\r\n"
-
-
-class _Preflight:
-    """One preflight answer, computed once: the decision, the whole HTTP/1.1
-    response except its ``Date`` line (as bytes, byte for byte what aiohttp would
-    send for the same :func:`_own_response`), and its access line's fixed parts."""
-
-    __slots__ = ("decision", "status", "head", "tail", "log")
-
-    def __init__(self, decision: Decision, state: _State, origin: str | None) -> None:
-        assert decision.status is not None
-        self.decision = decision
-        self.status = status = decision.status
-        body = decision.body.encode("utf-8")
-        lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}"]
-        lines += [f"{name}: {value}" for name, value in decision.headers]
-        if decision.vary:
-            lines.append("Vary: " + ", ".join(decision.vary))
-        lines += [f"Content-Type: {_TEXT}", f"Content-Length: {len(body)}"]
-        head = "\r\n".join(lines)
-        if not head.isascii() or "\n" in head.replace("\r\n", "") or "\r" in head.replace(
-            "\r\n", ""
-        ):
-            raise ValueError("not a plain ASCII header block")
-        self.head = head.encode("ascii") + _CRLF
-        self.tail = f"Server: {SERVER_SOFTWARE}\r\n\r\n".encode("latin-1") + body
-        self.log = AccessTemplate(
-            state.log_format, "OPTIONS", status, origin, decision.verdict, decision.route,
-            "; ".join(decision.reasons),
+    async def open(self) -> None:
+        upstream = self.config.upstream
+        self.pool = UpstreamPool(
+            self.target.url,
+            connect_timeout=upstream.connect_timeout,
+            timeout=upstream.timeout,
+            max_connections=upstream.max_connections,
+            idle_timeout=upstream.idle_timeout,
         )
 
+    async def close(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = None
 
-_date = ["", b""]  # aiohttp's Date value (its own per-second cache) and our line for it
+    # -- the server's interface ---------------------------------------------------------
 
-
-def _date_line() -> bytes:
-    now = rfc822_formatted_time()
-    if now is not _date[0]:
-        _date[0], _date[1] = now, f"Date: {now}\r\n".encode("latin-1")
-    return _date[1]
-
-
-class _RawResponse:
-    """A precomputed response written with one call (what the server needs of a
-    response object: ``prepare``, ``write_eof``, ``keep_alive``, ``status``)."""
-
-    __slots__ = ("status", "data")
-    keep_alive = True
-
-    def __init__(self, status: int, data: bytes) -> None:
-        self.status = status
-        self.data = data
-
-    async def prepare(self, request: web.BaseRequest) -> None:
-        await request.writer.write_eof(self.data)
-
-    async def write_eof(self, data: bytes = b"") -> None:
-        return None
-
-
-def _preflight(state: _State, request: web.BaseRequest, path: str) -> _Preflight | None:
-    """The cached answer for a preflight (deciding and caching it on a miss), or
-    None when this is no preflight or its values are too large to cache."""
-    headers = request.headers
-    acrm = headers.getall(hdrs.ACCESS_CONTROL_REQUEST_METHOD, None)
-    origin = headers.getall(hdrs.ORIGIN, None)
-    if acrm is None or origin is None:
-        return None
-    acrh = headers.getall(hdrs.ACCESS_CONTROL_REQUEST_HEADERS, ())
-    acrpn = headers.get("Access-Control-Request-Private-Network")
-    router = state.router
-    route = router.select(path)[0] if router.routes else None
-    key = (route, *origin, "\0", *acrm, "\0", *acrh, "\0", acrpn)
-    cache = state.preflights
-    try:
-        return cache[key]
-    except KeyError:
-        pass
-    if sum(map(len, origin)) + sum(map(len, acrm)) + sum(map(len, acrh)) > _PREFLIGHT_KEY_MAX:
-        return None
-    decision = router.decide(_request_view(request, path))
-    if decision.kind is not Kind.PREFLIGHT or decision.status is None:
-        return None  # pragma: no cover - an OPTIONS with Origin and ACRM is a preflight
-    try:
-        entry: _Preflight | None = _Preflight(decision, state, ", ".join(origin) or None)
-    except ValueError:  # odd bytes in an echoed value: aiohttp's own path handles it
-        entry = None
-    if len(cache) >= _PREFLIGHT_CACHE_SIZE:
-        del cache[next(iter(cache))]  # oldest first
-    cache[key] = entry
-    return entry
-
-
-async def _handle_request(state: _State, request: web.BaseRequest) -> web.StreamResponse:
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    target = request.raw_path
-    if not target.startswith("/"):  # absolute-form request target (RFC 9112 §3.2.2)
-        target = request.rel_url.raw_path_qs
-    if request.method == "OPTIONS":
-        path = target.partition("?")[0]
+    def fast(self, request: Request) -> bytes | None:
+        """Check the target and Host; answer a refused request or a cached
+        preflight at once (bytes), or None: :meth:`serve` runs."""
         try:
-            cached = _preflight(state, request, path)
-        except Exception:  # a bug: the general path below answers with its 502
-            cached = None
-        if cached is not None:
-            if (
-                request.version == HttpVersion11
-                and request.keep_alive
-                and not request.body_exists
-            ):
-                response: Any = _RawResponse(
-                    cached.status, b"".join((cached.head, _date_line(), cached.tail))
-                )
-            else:  # HTTP/1.0, Connection: close, a body: aiohttp's own framing
-                response = _own_response(cached.decision, cached.status, cached.decision.body)
-                if request.body_exists and hdrs.EXPECT in request.headers:
-                    response.force_close()
-            if ACCESS_LOGGER.isEnabledFor(logging.INFO):
-                state.write_access(
-                    cached.log.line(request.remote, path, round((loop.time() - started) * 1000, 2))
-                )
-            return response
-    return await _handle_decided(state, request, target, loop, started)
+            target = check_target(request.method, request.target)
+            check_host(request.get_all("host"), request.version)
+        except Rejected as exc:
+            request.conn.must_close = True
+            return self.refuse(request, exc.status, str(exc))
+        request.checked_target = target
+        if request.method != "OPTIONS" or request.has_body:
+            return None
+        path = target.partition("?")[0]
+        cached = self._preflight(request, path)
+        if cached is None:
+            return None
+        if ACCESS_LOGGER.isEnabledFor(logging.INFO):
+            self.write_access(cached.log.line(
+                request.remote, path, round((time.perf_counter() - request.started) * 1000, 3)
+            ))
+        return cached.head + date_line() + cached.tail
 
+    def refuse(self, request: Request, status: int, message: str) -> bytes:
+        """The answer to a request refused before routing (400, 405), with the
+        CORS headers its route's policy gives, logged."""
+        path = request.target.partition("?")[0]
+        try:
+            decision = self.router.decide(_request_view(request, path))
+        except Exception:  # pragma: no cover - decide never raises; still an answer
+            decision = _NO_DECISION
+        text = f"{reason_phrase(status)}: {message}\n"
+        data = _own_response(decision, status, text)
+        if status == 405:  # RFC 9110 §15.5.6: 405 carries Allow
+            end = data.index(b"\r\n\r\n")
+            data = data[: end + 2] + b"Allow: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS\r\n" \
+                + data[end + 2:]
+        entry = _Log()
+        entry.error = message
+        entry.status = status
+        self._log_access(request, path, decision, entry)
+        return data
 
-async def _handle_decided(
-    state: _State,
-    request: web.BaseRequest,
-    target: str,
-    loop: asyncio.AbstractEventLoop,
-    started: float,
-) -> web.StreamResponse:
-    entry = _Log()
-    decision: Decision | None = None
-    response: web.StreamResponse | None = None
-    try:
-        decision = state.router.decide(_request_view(request, target.partition("?")[0]))
-        if decision.status is not None:
-            response = _own_response(decision, decision.status, decision.body)
-        else:
-            response = await _forward(request, state, decision, target, entry)
-    except asyncio.CancelledError:
-        # Shutdown: listen.shutdown_grace is over and aiohttp cancels what is left.
-        entry.error = "cut off: still running when the shutdown grace period ended"
-        if decision is not None:
-            _log_access(state, request, target, decision, entry.streaming, entry,
-                        loop.time() - started)
-        raise
-    except Exception as exc:  # a bug in the proxy: still a clean answer with CORS headers
-        log.exception("internal error on %s %s", request.method, target)
-        entry.error = f"internal error: {type(exc).__name__}: {exc}"
-        if decision is None:
-            decision = Decision(Kind.NOT_CORS, False, None, (), ("Origin",), ("no decision",))
-        if entry.streaming is not None:
-            response = entry.streaming
-            _abort(request, response)
-        else:
-            response = _own_response(
-                decision, 502, "Bad Gateway: internal error in corsproxy; see its log\n"
+    def log_refusal(self, remote: str | None, status: int, message: str) -> None:
+        """A request answered before it could be parsed (408, 431, 505, 400)."""
+        if not ACCESS_LOGGER.isEnabledFor(logging.INFO):
+            return
+        fields: dict[str, Any] = {
+            "client": remote, "method": "-", "path": "-", "status": status, "origin": None,
+            "cors": None, "route": None, "upstream_ms": None, "ms": None, "error": message,
+            "reason": "",
+        }
+        self.write_access(access_line(self.log_format, fields))
+
+    async def serve(self, request: Request, response: Response) -> None:
+        target = request.checked_target or check_target(request.method, request.target)
+        path = target.partition("?")[0]
+        entry = _Log()
+        decision: Decision | None = None
+        try:
+            decision = self.router.decide(_request_view(request, path))
+            if decision.status is not None:
+                entry.status = decision.status
+                response.whole(
+                    _own_response(decision, decision.status, decision.body), decision.status
+                )
+            else:
+                await self._forward(request, response, decision, target, entry)
+        except asyncio.CancelledError:
+            if self.closing:
+                entry.error = "cut off: still running when listen.shutdown_grace ended"
+            else:
+                entry.error = "the client closed the connection before the response's end"
+            entry.status = response.status
+            self._log_access(request, path, decision or _NO_DECISION, entry)
+            raise
+        except ClientError as exc:
+            entry.error = str(exc)
+            entry.status = response.status
+            self._log_access(request, path, decision or _NO_DECISION, entry)
+            raise
+        except Exception as exc:  # a bug in the proxy: still a clean answer with CORS headers
+            log.exception("internal error on %s %s", request.method, path)
+            entry.error = f"internal error: {type(exc).__name__}: {exc}"
+            if decision is None:
+                decision = _NO_DECISION
+            if response.started:
+                response.abort()
+            else:
+                entry.status = 502
+                response.whole(_own_response(
+                    decision, 502, "Bad Gateway: internal error in corsproxy; see its log\n"
+                ), 502)
+        self._log_access(request, path, decision, entry)
+
+    # -- forwarding ----------------------------------------------------------------------
+
+    def _error(self, response: Response, decision: Decision, entry: _Log, status: int,
+               cause: str, detail: str | None = None) -> None:
+        """A 4xx/5xx made by the proxy: the body names the cause in one line; the
+        access line also gets ``detail`` (the upstream's address, the low-level error)."""
+        entry.status = status
+        entry.error = cause if detail is None else f"{cause} ({detail})"
+        response.whole(
+            _own_response(decision, status, f"{reason_phrase(status)}: {cause}\n"), status
+        )
+
+    async def _forward(self, request: Request, response: Response, decision: Decision,
+                       target: str, entry: _Log) -> None:
+        limit = self.max_body_size
+        length = request.content_length
+        if limit is not None and length is not None and length > limit:
+            return self._error(
+                response, decision, entry, 413,
+                f"request body of {length} bytes (Content-Length) is over "
+                f"listen.max_body_size ({limit} bytes)",
             )
-    if not entry.continued and request.body_exists and hdrs.EXPECT in request.headers:
-        # The client waits for "100 Continue" before sending the body and will now
-        # not send it: close instead of lingering for a body that never comes.
-        response.force_close()
-    _log_access(state, request, target, decision, response, entry, loop.time() - started)
-    return response
+        expect = request.get("expect")
+        if expect is not None and expect.lower() != "100-continue":
+            return self._error(response, decision, entry, 417,
+                               f"corsproxy only understands Expect: 100-continue, not "
+                               f"{expect!r}")
+        headers = upstream_request_headers(
+            request.headers,
+            client_addr=request.remote,
+            scheme=request.scheme,
+            upstream_host=self.target.host,
+            preserve_host=self.preserve_host,
+        )
+        # The target goes upstream byte for byte (a fragment is never sent).
+        path = self.target.base_path + target.partition("#")[0]
+        body = _RequestBody(request, limit) if request.has_body else None
+        pool = self.pool
+        assert pool is not None
+        sent = time.perf_counter()
+        try:
+            upstream = await pool.request(
+                request.method,
+                path,
+                headers,
+                body.chunks() if body is not None else None,
+                retry=body is None and request.method in _RETRY_METHODS,
+            )
+        except UpstreamError as exc:
+            return self._upstream_error(response, decision, entry, body, exc)
+        except ValueError as exc:
+            return self._error(response, decision, entry, 400,
+                               "the request can't be forwarded", str(exc))
+        entry.upstream_ms = round((time.perf_counter() - sent) * 1000, 3)
+        try:
+            await self._stream_back(request, response, decision, upstream, entry)
+        finally:
+            upstream.release()
 
+    def _upstream_error(self, response: Response, decision: Decision, entry: _Log,
+                        body: _RequestBody | None, exc: UpstreamError) -> None:
+        """The proxy's answer when no upstream response came."""
+        where = f"upstream {self.target.origin}: {exc}"
+        if body is not None and body.too_large:
+            return self._error(
+                response, decision, entry, 413,
+                f"request body is over listen.max_body_size ({body.limit} bytes)",
+                "the upstream connection was dropped",
+            )
+        client_error = body.client_error if body is not None else None
+        if client_error is not None:
+            status = 408 if "body_timeout" in str(client_error) else 400
+            return self._error(response, decision, entry, status, str(client_error),
+                               "the upstream connection was dropped")
+        if isinstance(exc, PoolTimeout):
+            return self._error(
+                response, decision, entry, 503,
+                f"every upstream connection stayed busy for {self.connect_timeout:g} s "
+                f"(upstream.max_connections)", where,
+            )
+        if isinstance(exc, ConnectTimeout):
+            return self._error(
+                response, decision, entry, 504,
+                f"the upstream accepted no connection within upstream.connect_timeout "
+                f"({self.connect_timeout:g} s)", where,
+            )
+        if isinstance(exc, ResponseTimeout):
+            return self._error(
+                response, decision, entry, 504,
+                f"the upstream sent no response headers within upstream.timeout "
+                f"({self.timeout:g} s)", where,
+            )
+        if isinstance(exc, SendTimeout):
+            return self._error(
+                response, decision, entry, 504,
+                f"the upstream accepted none of the request body for upstream.timeout "
+                f"({self.timeout:g} s)", where,
+            )
+        if isinstance(exc, ConnectError):
+            refused = getattr(exc.os_error, "errno", None) == errno.ECONNREFUSED
+            cause = "upstream refused the connection" if refused else \
+                "cannot connect to the upstream"
+            return self._error(response, decision, entry, 502, cause, where)
+        if isinstance(exc, Disconnected):
+            return self._error(response, decision, entry, 502,
+                               "the upstream closed the connection without a response", where)
+        if isinstance(exc, UpgradeResponse):
+            return self._error(response, decision, entry, 502,
+                               "the upstream switched protocols (101), which corsproxy does "
+                               "not proxy here", where)
+        if isinstance(exc, InvalidResponse):
+            return self._error(response, decision, entry, 502,
+                               "the upstream sent an invalid HTTP response", where)
+        if isinstance(exc, ConnectionFailed):
+            return self._error(response, decision, entry, 502,
+                               "the connection to the upstream failed", where)
+        return self._error(response, decision, entry, 502, "the request to the upstream failed",
+                           where)
 
-def _own_response(decision: Decision, status: int, body: str) -> web.Response:
-    """A response the proxy makes itself, with the decision's CORS headers and Vary."""
-    headers = CIMultiDict(decision.headers)
-    if decision.vary:
-        headers["Vary"] = ", ".join(decision.vary)
-    return web.Response(
-        status=status, headers=headers, body=body.encode("utf-8"), content_type="text/plain",
-        charset="utf-8",
-    )
+    async def _stream_back(self, request: Request, response: Response, decision: Decision,
+                           upstream: UpstreamResponse, entry: _Log) -> None:
+        pairs = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in upstream.raw_headers]
+        headers = response_headers(pairs, decision.headers, decision.vary)
+        status = upstream.status
+        entry.status = status
+        names = {n.lower() for n, _ in headers}
+        codings = upstream.transfer_codings
+        has_length = "content-length" in names and not upstream.chunked and not codings
+        no_body = status < 200 or status in (204, 304) or request.method == "HEAD"
+        has_date = "date" in names
+        try:
+            head = render_head(status, upstream.reason, headers)
+        except ValueError as exc:  # pragma: no cover - llhttp refuses such bytes already
+            upstream.close()
+            return self._error(response, decision, entry, 502,
+                               "the upstream sent an invalid HTTP response", str(exc))
+        if upstream.complete and has_length and not no_body:
+            # The whole body is here and framed by its Content-Length: one write.
+            data = await upstream.read()
+            response.whole(
+                head + (b"" if has_date else date_line()) + _CRLF + data, status
+            )
+            return
+        response.start(
+            status, head, has_date=has_date, length=has_length or no_body,
+            codings=", ".join(c.decode("latin-1") for c in codings) if codings else None,
+            no_body=no_body,
+        )
+        read = upstream.read
+        while True:
+            try:
+                chunk = await read()
+            except UpstreamError as exc:
+                # Too late for a status: cut the client connection so it sees an
+                # incomplete body instead of a clean (truncated) end.
+                entry.error = f"upstream failed while sending the body: {exc}"
+                upstream.close()
+                response.abort()
+                return
+            if not chunk:
+                break
+            if upstream.at_eof:  # the last piece: body and end in one write
+                await response.end(chunk)
+                return
+            await response.send(chunk)
+        await response.end()
 
+    # -- preflights from precomputed answers -------------------------------------------
 
-def _error(decision: Decision, entry: _Log, status: int, cause: str) -> web.Response:
-    """A 4xx/5xx made by the proxy: the body names the cause in one line."""
-    entry.error = cause
-    reason = {400: "Bad Request", 413: "Content Too Large", 417: "Expectation Failed",
-              502: "Bad Gateway", 504: "Gateway Timeout"}[status]
-    return _own_response(decision, status, f"{reason}: {cause}\n")
+    def _preflight(self, request: Request, path: str) -> _Preflight | None:
+        """The cached answer for a preflight (deciding and caching it on a miss), or
+        None when this is no preflight or its values are too large to cache."""
+        acrm = request.get_all("access-control-request-method")
+        origin = request.get_all("origin")
+        if not acrm or not origin:
+            return None
+        acrh = request.get_all("access-control-request-headers")
+        acrpn = request.get("access-control-request-private-network")
+        router = self.router
+        route = router.select(path)[0] if router.routes else None
+        key = (route, *origin, "\0", *acrm, "\0", *acrh, "\0", acrpn)
+        cache = self.preflights
+        try:
+            return cache[key]
+        except KeyError:
+            pass
+        if sum(map(len, origin)) + sum(map(len, acrm)) + sum(map(len, acrh)) > _PREFLIGHT_KEY_MAX:
+            return None
+        decision = router.decide(_request_view(request, path))
+        if decision.kind is not Kind.PREFLIGHT or decision.status is None:
+            return None  # pragma: no cover - an OPTIONS with Origin and ACRM is a preflight
+        try:
+            entry: _Preflight | None = _Preflight(decision, self.log_format,
+                                                  ", ".join(origin) or None)
+        except ValueError:  # odd bytes in an echoed value: the general path handles it
+            entry = None
+        if len(cache) >= _PREFLIGHT_CACHE_SIZE:
+            del cache[next(iter(cache))]  # oldest first
+        cache[key] = entry
+        return entry
+
+    # -- logging ----------------------------------------------------------------------------
+
+    def _log_access(self, request: Request, path: str, decision: Decision, entry: _Log) -> None:
+        if not ACCESS_LOGGER.isEnabledFor(logging.INFO):
+            return
+        elapsed = time.perf_counter() - request.started
+        fields: dict[str, Any] = {
+            "client": request.remote,
+            "method": request.method,
+            "path": path,
+            "status": entry.status,
+            "origin": ", ".join(request.get_all("origin")) or None,
+            "cors": decision.verdict,
+            "route": decision.route,
+            "upstream_ms": entry.upstream_ms,
+            "ms": round(elapsed * 1000, 3),
+            "error": entry.error,
+            "reason": "; ".join(decision.reasons),
+        }
+        self.write_access(access_line(self.log_format, fields))
 
 
 class _BodyTooLarge(Exception):
@@ -434,21 +550,21 @@ class _RequestBody:
     """The client's body as an async iterator for the upstream request, counted
     against ``listen.max_body_size``; records which side failed."""
 
-    __slots__ = ("content", "limit", "size", "too_large", "client_error")
+    __slots__ = ("request", "limit", "size", "too_large", "client_error")
 
-    def __init__(self, content: aiohttp.StreamReader, limit: int | None) -> None:
-        self.content = content
+    def __init__(self, request: Request, limit: int | None) -> None:
+        self.request = request
         self.limit = limit
         self.size = 0
         self.too_large = False
-        self.client_error: BaseException | None = None
+        self.client_error: ClientError | None = None
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        content, limit = self.content, self.limit
+        read, limit = self.request.body.read, self.limit
         while True:
             try:
-                chunk = await content.readany()
-            except Exception as exc:  # the client went away or sent a broken body
+                chunk = await read()
+            except ClientError as exc:  # the client went away, stalled or broke the body
                 self.client_error = exc
                 raise
             if not chunk:
@@ -462,113 +578,6 @@ class _RequestBody:
             yield chunk
 
 
-async def _forward(
-    request: web.Request, state: _State, decision: Decision, target: str, entry: _Log
-) -> web.StreamResponse:
-    limit = state.max_body_size
-    length = request.content_length
-    if limit is not None and length is not None and length > limit:
-        return _error(
-            decision, entry, 413,
-            f"request body of {length} bytes (Content-Length) is over listen.max_body_size "
-            f"({limit} bytes)",
-        )
-    expect = request.headers.get(hdrs.EXPECT)
-    if expect is not None and expect.lower() != "100-continue":
-        return _error(decision, entry, 417, f"corsproxy only understands Expect: 100-continue, "
-                                            f"not {expect!r}")
-    try:
-        pairs = decode_request_headers(request.raw_headers)
-    except HeaderError as exc:
-        return _error(decision, entry, 400, str(exc))
-    headers = upstream_request_headers(
-        pairs,
-        client_addr=request.remote,
-        scheme=request.scheme,
-        upstream_host=state.target.host,
-        preserve_host=state.preserve_host,
-    )
-    # The target goes upstream byte for byte (a fragment is never sent).
-    path = state.target.base_path + target.partition("#")[0]
-
-    body: _RequestBody | None = None
-    if request.body_exists:
-        if expect is not None and request.version >= (1, 1):
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            request.writer.output_size = 0  # the response proper has not started
-            entry.continued = True
-        body = _RequestBody(request.content, limit)
-    pool = state.session
-    assert pool is not None
-    loop = asyncio.get_running_loop()
-    sent = loop.time()
-    try:
-        upstream = await pool.request(
-            request.method,
-            path,
-            headers,
-            body.chunks() if body is not None else None,
-            retry=body is None and request.method in _RETRY_METHODS,
-        )
-    except UpstreamError as exc:
-        return _upstream_error(decision, entry, state, body, exc)
-    except ValueError as exc:
-        return _error(decision, entry, 400, f"request to {target!r} can't be forwarded: {exc}")
-    entry.upstream_ms = round((loop.time() - sent) * 1000, 2)
-    try:
-        return await _stream_back(request, decision, upstream, entry)
-    finally:
-        upstream.release()
-
-
-def _upstream_error(
-    decision: Decision, entry: _Log, state: _State, body: _RequestBody | None, exc: UpstreamError
-) -> web.Response:
-    """The proxy's answer when no upstream response came (502, 504, 413, 400)."""
-    where = state.target.origin
-    if body is not None and body.too_large:
-        return _error(
-            decision, entry, 413,
-            f"request body is over listen.max_body_size ({body.limit} bytes); "
-            f"the upstream connection was dropped",
-        )
-    if body is not None and body.client_error is not None:
-        return _error(
-            decision, entry, 400,
-            f"could not read the request body from the client: {describe_error(body.client_error)}",
-        )
-    if isinstance(exc, ConnectTimeout):
-        return _error(
-            decision, entry, 504,
-            f"no connection to the upstream {where} within upstream.connect_timeout "
-            f"({state.connect_timeout:g} s)",
-        )
-    if isinstance(exc, ResponseTimeout):
-        return _error(
-            decision, entry, 504,
-            f"the upstream {where} sent no response headers within upstream.timeout "
-            f"({state.timeout:g} s)",
-        )
-    if isinstance(exc, ConnectError):
-        return _error(decision, entry, 502, f"cannot connect to the upstream {where}: {exc}")
-    if isinstance(exc, Disconnected):
-        return _error(
-            decision, entry, 502, f"the upstream {where} closed the connection without a response"
-        )
-    if isinstance(exc, ConnectionFailed):
-        return _error(decision, entry, 502, f"the connection to the upstream {where} failed: {exc}")
-    if isinstance(exc, UpgradeResponse):
-        return _error(
-            decision, entry, 502,
-            "the upstream switched protocols (101); corsproxy does not proxy upgrades",
-        )
-    if isinstance(exc, InvalidResponse):
-        return _error(
-            decision, entry, 502, f"the upstream {where} sent an invalid HTTP response: {exc}"
-        )
-    return _error(decision, entry, 502, f"request to the upstream {where} failed: {exc}")
-
-
 def describe_error(exc: BaseException) -> str:
     """An exception in a few words for a response body or a log line."""
     if isinstance(exc, OSError) and exc.errno:
@@ -577,146 +586,59 @@ def describe_error(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-async def _stream_back(
-    request: web.BaseRequest, decision: Decision, upstream: UpstreamResponse, entry: _Log
-) -> web.StreamResponse:
-    pairs = [(n.decode("latin-1"), v.decode("utf-8", "replace")) for n, v in upstream.raw_headers]
-    headers = response_headers(pairs, decision.headers, decision.vary)
-    sent = {n.lower() for n, _ in pairs}
-    if (
-        upstream.complete
-        and "content-length" in sent
-        and not upstream.chunked
-        and request.version == HttpVersion11
-        and request.keep_alive
-        and not request.body_exists
-        and request.method != "HEAD"
-        and upstream.status not in (204, 304)
-    ):
-        # The whole body is already here and framed by its Content-Length: one
-        # precomputed write, byte for byte what the StreamResponse below would send
-        # (the upstream's headers, the CORS ones, then Date when the upstream sent
-        # none; aiohttp's own Content-Type and Server are left out as below).
-        raw = _whole_response(upstream, headers, "date" in sent, await upstream.read())
-        if raw is not None:
-            return raw
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-    response.headers.extend(headers)
-    strip = [n for n in (hdrs.CONTENT_TYPE, hdrs.SERVER) if n.lower() not in sent]
-    if strip:
-        response[_STRIP_AUTO] = strip
-    # The head goes out with the first body bytes (one write instead of two).
-    response._send_headers_immediately = False
-    try:
-        await response.prepare(request)
-        entry.streaming = response
-        read = upstream.read
-        while True:
-            try:
-                chunk = await read()
-            except UpstreamError as exc:
-                # Too late for a status: cut the client connection so it sees an
-                # incomplete body instead of a clean (truncated) end.
-                entry.error = f"upstream failed while sending the body: {exc}"
-                upstream.close()
-                _abort(request, response)
-                return response
-            if not chunk:
-                break
-            if upstream.at_eof:  # the last piece: head, body and end in one write
-                await response.write_eof(chunk)
-                return response
-            await response.write(chunk)
-        await response.write_eof()
-    except ConnectionError:
-        entry.error = "client disconnected before the response was complete"
-        upstream.close()
-    return response
-
-
-def _whole_response(
-    upstream: UpstreamResponse, headers: list[tuple[str, str]], has_date: bool, body: bytes
-) -> _RawResponse | None:
-    """A complete forwarded response as one block of bytes (None: not plain enough
-    to be sure of the bytes; the caller then takes aiohttp's path)."""
-    lines = [f"HTTP/1.1 {upstream.status} {upstream.reason}"]
-    lines += [f"{name}: {value}" for name, value in headers]
-    text = "\r\n".join(lines)
-    if "\n" in text.replace("\r\n", "") or "\r" in text.replace("\r\n", ""):
-        return None
-    head = text.encode("utf-8") + b"\r\n"
-    date = b"" if has_date else _date_line()
-    return _RawResponse(upstream.status, b"".join((head, date, b"\r\n", body)))
-
-
-def _abort(request: web.BaseRequest, response: web.StreamResponse) -> None:
-    response.force_close()
-    transport = request.transport
-    if transport is not None:
-        transport.abort()
-
-
-def _log_access(
-    state: _State,
-    request: web.BaseRequest,
-    target: str,
-    decision: Decision,
-    response: web.StreamResponse | None,
-    entry: _Log,
-    elapsed: float,
-) -> None:
-    if not ACCESS_LOGGER.isEnabledFor(logging.INFO):
-        return
-    fields: dict[str, Any] = {
-        "client": request.remote,
-        "method": request.method,
-        "path": target.partition("?")[0],
-        "status": response.status if response is not None else None,
-        "origin": ", ".join(request.headers.getall(hdrs.ORIGIN, ())) or None,
-        "cors": decision.verdict,
-        "route": decision.route,
-        "upstream_ms": entry.upstream_ms,
-        "ms": round(elapsed * 1000, 2),
-        "error": entry.error,
-        "reason": "; ".join(decision.reasons),
-    }
-    state.write_access(access_line(state.log_format, fields))
-
-
 # ---------------------------------------------------------------------------
 # running it
 # ---------------------------------------------------------------------------
 
 
-class _ProxyRequest(web.BaseRequest):
-    """The request on the low-level server: what ``on_response_prepare`` does for
-    the Application (take out headers aiohttp added to a forwarded response)."""
-
-    async def _prepare_hook(self, response: web.StreamResponse) -> None:
-        await _strip_auto_headers(self, response)
-
-
-def _low_level_server(app: web.Application) -> web.Server:
-    """The same handler on aiohttp's low-level server: no router, no Application
-    request object, no signal per response (about 7% of a preflight's CPU time under
-    wrk). ``build_app``'s Application stays the embeddable form (and the tests'
-    in-process proxy); the behaviour is the same: one catch-all handler, ``Expect``
-    left to :func:`_forward` (as :func:`_no_expect` does), gzip bodies not inflated,
-    auto-added headers stripped from forwarded responses (:class:`_ProxyRequest`)."""
-    state = app[STATE]
-    loop = asyncio.get_running_loop()
-
-    async def handler(request: web.BaseRequest) -> web.StreamResponse:
-        return await _handle_request(state, request)
-
-    def request_factory(message: Any, payload: Any, protocol: Any, writer: Any, task: Any
-                        ) -> web.BaseRequest:
-        return _ProxyRequest(message, payload, protocol, writer, task, loop)
-
-    return web.Server(
-        handler, request_factory=request_factory, logger=SERVER_LOGGER, access_log=None,
-        auto_decompress=False,
+def limits_of(config: Config) -> Limits:
+    listen = config.listen
+    return Limits(
+        header_timeout=listen.header_timeout,
+        keepalive_timeout=listen.keepalive_timeout,
+        body_timeout=listen.body_timeout,
+        send_timeout=listen.send_timeout,
+        max_header_size=listen.max_header_size,
     )
+
+
+class ProxyServer:
+    """The proxy listening on ``config.listen`` (``corsproxy run`` and the tests run
+    this same object): ``await start()``, then ``await stop()``."""
+
+    def __init__(self, config: Config, *, log_format: str = "text",
+                 write_access: Callable[[str], Any] | None = None) -> None:
+        self.config = config
+        self.proxy = Proxy(config, log_format=log_format, write_access=write_access)
+        self.server: HttpServer | None = None
+        self.host = config.listen.host
+        self.port = config.listen.port
+
+    async def start(self, *, reuse_port: bool = False) -> tuple[str, int]:
+        """Open the upstream pool and listen; returns the bound (host, port).
+        Raises OSError when the address can't be used."""
+        await self.proxy.open()
+        self.server = HttpServer(self.proxy, limits_of(self.config))
+        try:
+            self.host, self.port = await self.server.listen(
+                self.config.listen.host, self.config.listen.port, reuse_port=reuse_port
+            )
+        except OSError:
+            await self.proxy.close()
+            raise
+        return self.host, self.port
+
+    async def stop(self, grace: float | None = None) -> int:
+        """Stop accepting; in-flight requests get ``grace`` seconds (default
+        ``listen.shutdown_grace``), then are cut. Returns how many were cut."""
+        if grace is None:
+            grace = self.config.listen.shutdown_grace
+        cut = [0]
+        self.proxy.closing = True
+        if self.server is not None:
+            await self.server.shutdown(grace, on_cut=lambda n: cut.__setitem__(0, n))
+        await self.proxy.close()
+        return cut[0]
 
 
 async def serve(
@@ -728,44 +650,23 @@ async def serve(
     reuse_port: bool = False,
 ) -> int:
     """Run the proxy until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None),
-    then shut down gracefully: stop accepting, give in-flight requests up to
-    ``listen.shutdown_grace`` seconds, close the upstream pool. Returns the exit code.
+    then shut down gracefully: stop accepting, give in-flight requests exactly
+    ``listen.shutdown_grace`` seconds, cut what is left, close the upstream pool.
+    Returns the exit code.
 
     ``ready(host, port)`` is called once listening (port 0 picks a free port).
     ``reuse_port`` listens with SO_REUSEPORT (one of several worker processes).
     """
     loop = asyncio.get_running_loop()
-    app = build_app(config, log_format=log_format)
     writer = access_writer()
-    app[STATE].write_access = writer
-    app.freeze()
-    grace = config.listen.shutdown_grace
-    await app.startup()  # the upstream pool (cleanup_ctx)
-    runner = web.ServerRunner(
-        _low_level_server(app), handle_signals=False, shutdown_timeout=grace
-    )
-    await runner.setup()
-
-    async def cleanup() -> None:
-        try:
-            await runner.cleanup()
-            await app.shutdown()
-            await app.cleanup()
-        finally:
-            flush = getattr(writer, "flush", None)
-            if flush is not None:
-                flush()
-
+    server = ProxyServer(config, log_format=log_format, write_access=writer)
     host, port = config.listen.host, config.listen.port
-    site = web.TCPSite(runner, host, port, backlog=1024, reuse_port=reuse_port or None)
     try:
-        await site.start()
+        bound = await server.start(reuse_port=reuse_port)
     except OSError as exc:
-        await cleanup()
         _event(log_format, "error", f"cannot listen on {host}:{port}: {describe_error(exc)}; "
                                     f"pick another address with --host/--port or listen.port")
         return 1
-    bound = runner.addresses[0][:2] if runner.addresses else (host, port)
     loop_name = type(loop).__module__.partition(".")[0]  # "uvloop" or "asyncio"
     _event(log_format, "listening", f"corsproxy listening on http://{_hostport(*bound)}, "
                                     f"forwarding to {config.upstream.url} ({loop_name})",
@@ -779,15 +680,23 @@ async def serve(
     if own_signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+    grace = config.listen.shutdown_grace
     try:
         await stop.wait()
         _event(log_format, "stopping", f"stopping: no new connections; in-flight requests get "
-                                       f"up to {grace:g} s (listen.shutdown_grace)")
-        await cleanup()
+                                       f"{grace:g} s (listen.shutdown_grace)")
+        cut = await server.stop(grace)
+        if cut:
+            _event(log_format, "cut", f"{cut} connection(s) still busy after "
+                                      f"listen.shutdown_grace ({grace:g} s) were closed",
+                   connections=cut)
     finally:
         if own_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+        flush = getattr(writer, "flush", None)
+        if flush is not None:
+            flush()
     _event(log_format, "stopped", "corsproxy stopped")
     return 0
 
@@ -809,6 +718,22 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
+def _raise_fd_limit() -> None:
+    """Each client costs a file descriptor and each forwarded one a second: raise the
+    soft RLIMIT_NOFILE to the hard limit (as nginx's worker_rlimit_nofile would), so
+    the common soft limit of 1024 is not what caps the connections."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = max(soft, 1 << 20)
+        if soft != resource.RLIM_INFINITY and soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, OSError, ValueError):  # pragma: no cover - not permitted: keep it
+        pass
+
+
 def run_server(config: Config, *, log_format: str = "text", reuse_port: bool = False) -> int:
     """Run the proxy in the foreground until SIGTERM/SIGINT; returns the exit code.
 
@@ -822,9 +747,10 @@ def run_server(config: Config, *, log_format: str = "text", reuse_port: bool = F
         if count > 1:
             return run_workers(config, log_format=log_format, count=count)
     setup_logging(log_format)
-    # Everything loaded so far (aiohttp, pydantic, the policy) lives as long as the
-    # process: move it out of the cyclic GC's reach, so the collections that request
-    # garbage triggers stop re-scanning it (small proxied GET: ~12% less CPU).
+    _raise_fd_limit()
+    # Everything loaded so far (the policy, pydantic) lives as long as the process:
+    # move it out of the cyclic GC's reach, so the collections that request garbage
+    # triggers stop re-scanning it (small proxied GET: ~12% less CPU).
     gc.collect()
     gc.freeze()
     with asyncio.Runner(loop_factory=new_event_loop) as runner:

@@ -18,44 +18,81 @@ Use::
     await pool.close()
 
 Request: ``METHOD target HTTP/1.1``, then the headers exactly as given (order, case,
-repeats), byte for byte. The body, an async iterator of bytes, is sent as it comes
-with the transport's write back-pressure: with its own ``Content-Length`` when the
-headers carry one (the body must match it), otherwise chunked (``Transfer-Encoding:
-chunked`` is appended). A request without a body whose method normally has one gets
-``Content-Length: 0``.
+repeats), byte for byte: the head is encoded as latin-1, so a str carries raw bytes
+1:1 (a character above U+00FF can't go on the wire: :class:`ValueError`). The body,
+an async iterator of bytes, is sent as it comes with the transport's write
+back-pressure: with its own ``Content-Length`` when the headers carry one (the body
+must match it), otherwise chunked (``Transfer-Encoding: chunked`` is appended). A
+request without a body whose method normally has one gets ``Content-Length: 0``.
+When the upstream takes none of the body for ``timeout`` seconds (the write buffer
+stays full and, on Linux, the socket's send queue does not shrink) before it
+answers, the exchange fails with :class:`SendTimeout` and the connection is closed;
+the bound is per wait and any progress resets it, so a slow but moving upload is
+never cut. The wait for the response head (``timeout``, :class:`ResponseTimeout`)
+starts once the last body byte is handed to the socket, when up to a send buffer's
+worth of it may still be on its way.
 
 Response: 1xx interim responses are skipped (101 is an error: no upgrades); HEAD,
-204 and 304 responses have no body whatever their headers say; otherwise the body is
-framed by chunked encoding (extensions and trailers dropped), Content-Length, or the
-connection closing. Body bytes are buffered up to :data:`READ_HIGH_WATER` and the
-upstream socket stops being read until the caller catches up, so memory stays flat
-for any body size.
+204 and 304 responses have no body whatever their headers say. Otherwise the body is
+framed as RFC 9112 §6.3 says: when ``Transfer-Encoding`` is present (the header may
+be repeated; its values are comma-separated codings, case-insensitive) the body is
+chunked if the last coding is ``chunked`` (extensions and trailers dropped), else it
+runs until the connection closes, whatever ``Content-Length`` says; without it,
+``Content-Length`` or, lacking that too, the connection closing. The body is handed
+on with the chunked coding removed and any other coding left in place:
+:attr:`UpstreamResponse.transfer_codings` names those (lower-cased, in order, e.g.
+``(b"gzip",)``) so the caller can tell its client, and ``chunked`` says whether the
+last coding was chunked; so ``chunked or transfer_codings`` is true exactly when
+``Transfer-Encoding`` frames the body. A ``Transfer-Encoding`` that names no coding
+(``,``), or whose last element is empty or ends in a tab while its last coding is
+chunked (``chunked,``), is an :class:`InvalidResponse`: llhttp would frame it as
+read-until-close, and a proxy must not guess. A response with both
+``Transfer-Encoding`` and ``Content-Length`` (smuggling-shaped), or an HTTP/1.0
+response with ``Transfer-Encoding``, is framed by the former and its connection
+never reused; ``Content-Length`` stays in ``raw_headers``, and a caller that
+forwards the response must drop it. Body bytes are buffered up to
+:data:`READ_HIGH_WATER` and the upstream socket stops being read until the caller
+catches up, so memory stays flat for any body size.
 
 A connection goes back to the pool only when the response was read to its end, the
 request body was sent whole, both sides want keep-alive (HTTP/1.1 without
 ``Connection: close``, or HTTP/1.0 with ``Connection: keep-alive``) and the body's
 end was not the connection closing. An upstream that answers early (before reading
 the whole request body) gets its answer passed on, and the connection is closed
-afterwards. Nothing is pipelined; bytes arriving on an idle connection close it.
+afterwards. Nothing is pipelined: bytes after the end of a response (after a HEAD,
+204 or 304 head, or after a complete body, whether in the same packet or later) or
+on an idle connection close it; only bare empty lines right after a complete
+non-HEAD response, which llhttp skips as RFC 9112 §2.2 allows, go unnoticed.
+
+The pool: at most ``max_connections`` open connections (None: no limit); a request
+beyond it waits for a free one at most ``acquire_timeout`` seconds
+(:class:`PoolTimeout`). Idle connections are kept at most ``max_idle`` and
+``idle_timeout`` seconds each (a timer closes them as they expire).
 
 Errors (all raised by :meth:`UpstreamPool.request` unless said otherwise)::
 
     UpstreamError                 anything that went wrong talking to the upstream
+     +-- PoolTimeout              all max_connections busy for acquire_timeout
      +-- ConnectError             no connection: refused, unreachable, DNS, TLS (.os_error)
      +-- ConnectTimeout           no connection within connect_timeout
+     +-- SendTimeout              the upstream read none of the request body for timeout
+     |                            (before answering); the connection is closed
      +-- ResponseTimeout          no response headers within timeout of the request being sent
      +-- Disconnected             the upstream closed the connection before a response
      +-- ConnectionFailed         the connection broke before a response (reset...) (.os_error)
-     +-- InvalidResponse          not a valid HTTP/1.x response (or headers too large)
+     +-- InvalidResponse          not a valid HTTP/1.x response (or headers too large,
+     |    |                       or an ambiguous Transfer-Encoding)
      |    +-- UpgradeResponse     101 Switching Protocols
      +-- RequestBodyError         reading the caller's body failed; __cause__ is the error
      +-- BodyError                raised by UpstreamResponse.read(): the response body
                                   broke off (reset, truncated, invalid, timeout)
 
-A request without a body (``retry=True``) that fails with ``Disconnected`` or
+A request without a body, with an idempotent method (GET, HEAD, OPTIONS, TRACE, PUT,
+DELETE: RFC 9110 §9.2.2) and ``retry=True``, that fails with ``Disconnected`` or
 ``ConnectionFailed`` on a reused pooled connection before any response byte is sent
 again once on a fresh connection: the upstream closed an idle keep-alive connection
-just as it was reused, the race every keep-alive pool has.
+just as it was reused, the race every keep-alive pool has. Nothing else is ever sent
+twice (never a POST, never a request with a body).
 """
 
 from __future__ import annotations
@@ -63,12 +100,22 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import re
 import ssl as _ssl
 from collections import deque
 from collections.abc import AsyncIterable, Sequence
 
 import httptools
 from yarl import URL
+
+try:  # the socket's send queue (SIOCOUTQ is TIOCOUTQ): Linux only
+    import fcntl
+    import sys
+    import termios
+
+    _OUTQ: int | None = termios.TIOCOUTQ if sys.platform.startswith("linux") else None
+except ImportError:  # pragma: no cover
+    _OUTQ = None
 
 __all__ = [
     "BodyError",
@@ -77,8 +124,10 @@ __all__ = [
     "ConnectionFailed",
     "Disconnected",
     "InvalidResponse",
+    "PoolTimeout",
     "RequestBodyError",
     "ResponseTimeout",
+    "SendTimeout",
     "UpgradeResponse",
     "UpstreamError",
     "UpstreamPool",
@@ -93,10 +142,18 @@ MAX_HEAD_SIZE = 256 * 1024
 MAX_HEADERS = 512
 #: Methods sent without ``Content-Length: 0`` when they carry no body (as aiohttp's client).
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "CONNECT", "TRACE"})
+#: Methods a stale pooled connection may be retried for (idempotent, RFC 9110 §9.2.2).
+_RETRY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+#: The end of a message head: an empty line (llhttp takes a bare LF as a line end).
+_EMPTY_LINE = re.compile(rb"\n\r?\n")
 
 
 class UpstreamError(Exception):
     """Talking to the upstream failed; ``str()`` says how, in a few words."""
+
+
+class PoolTimeout(UpstreamError):
+    """Every one of ``max_connections`` stayed busy for ``acquire_timeout``."""
 
 
 class ConnectError(UpstreamError):
@@ -109,6 +166,11 @@ class ConnectError(UpstreamError):
 
 class ConnectTimeout(UpstreamError):
     """No connection within ``connect_timeout``."""
+
+
+class SendTimeout(UpstreamError):
+    """The upstream read none of the request body for ``timeout`` seconds, before
+    answering; the connection is closed."""
 
 
 class ResponseTimeout(UpstreamError):
@@ -164,7 +226,12 @@ class _Stop(Exception):
 
 class UpstreamResponse:
     """One response: status, reason, version, raw header pairs, and the body by
-    :meth:`read`. Call :meth:`release` when done (always; it is cheap)."""
+    :meth:`read`. Call :meth:`release` when done (always; it is cheap).
+
+    ``chunked``: the last transfer coding was chunked (the body is handed on
+    de-chunked). ``transfer_codings``: the other codings, lower-cased and in order
+    (``(b"gzip",)`` for ``gzip, chunked`` and for ``gzip`` alone), still applied to
+    the body; ``()`` without ``Transfer-Encoding``."""
 
     __slots__ = (
         "status",
@@ -172,6 +239,7 @@ class UpstreamResponse:
         "version",
         "raw_headers",
         "chunked",
+        "transfer_codings",
         "_conn",
         "_parser",
         "_state",
@@ -189,6 +257,8 @@ class UpstreamResponse:
         "_released",
         "_got_data",
         "_extra",
+        "_te",
+        "_tail",
     )
 
     def __init__(self, conn: _Connection, head: bool) -> None:
@@ -197,12 +267,17 @@ class UpstreamResponse:
         self.version = "1.1"
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.chunked = False
+        self.transfer_codings: tuple[bytes, ...] = ()
         self._conn = conn
         parser = self._parser = httptools.HttpResponseParser(self)
         # As aiohttp's client (and most clients) accept: bare LF line ends and spaces
         # after a chunk size. Header values stay strict (no control characters).
+        # Transfer-Encoding with Content-Length: the former frames the body (RFC 9112
+        # §6.3), not an error; llhttp then ignores Content-Length in a response.
         parser.set_dangerous_leniencies(
-            lenient_optional_cr_before_lf=True, lenient_spaces_after_chunk_size=True
+            lenient_optional_cr_before_lf=True,
+            lenient_spaces_after_chunk_size=True,
+            lenient_chunked_length=True,
         )
         self._state = _HEAD
         self._head = head
@@ -220,6 +295,8 @@ class UpstreamResponse:
         self._released = False
         self._got_data = False
         self._extra = False
+        self._te: list[bytes] = []  # Transfer-Encoding values as sent (not stripped)
+        self._tail = b""  # HEAD: the last bytes fed to the parser (see _feed_head)
 
     # -- parser callbacks (httptools) ------------------------------------------
 
@@ -228,6 +305,7 @@ class UpstreamResponse:
             self._extra = True  # a second response nobody asked for
             raise _Stop
         self.raw_headers = []
+        self._te = []
         self._head_size = 0
 
     def on_status(self, reason: bytes) -> None:
@@ -241,6 +319,8 @@ class UpstreamResponse:
             raise InvalidResponse(
                 f"response head over {MAX_HEAD_SIZE} bytes or {MAX_HEADERS} header lines"
             )
+        if len(name) == 17 and name.lower() == b"transfer-encoding":
+            self._te.append(value)
         # llhttp drops the whitespace before a value but not after (RFC 9110 §5.5: not
         # part of the value).
         self.raw_headers.append((name, value.rstrip(b" \t")))
@@ -261,9 +341,7 @@ class UpstreamResponse:
         close = keep_alive_token = False
         for name, value in self.raw_headers:
             key = name.lower()
-            if key == b"transfer-encoding":
-                self.chunked = True
-            elif key == b"content-length":
+            if key == b"content-length":
                 content_length = True
             elif key == b"connection":
                 for token in value.lower().split(b","):
@@ -272,8 +350,18 @@ class UpstreamResponse:
                         close = True
                     elif token == b"keep-alive":
                         keep_alive_token = True
+        te = self._te
+        if te:
+            self._transfer_encoding(te)
+            # Both framings, or chunked in HTTP/1.0: framed by Transfer-Encoding as
+            # llhttp does, but the connection's framing is suspect (RFC 9112 §6.1, §6.3).
+            if content_length or version != "1.1":
+                close = True
         no_body = self._head or status in (204, 304)
-        self._until_close = not no_body and not self.chunked and not content_length
+        if te:
+            self._until_close = not no_body and not self.chunked
+        else:
+            self._until_close = not no_body and not content_length
         if close or self._until_close:
             self._keep_alive = False
         elif version == "1.1":
@@ -284,6 +372,33 @@ class UpstreamResponse:
         self._conn._head_arrived()
         if self._head:
             raise _Stop  # llhttp can't be told; stop here, the message is complete
+
+    def _transfer_encoding(self, values: list[bytes]) -> None:
+        """Set ``chunked`` and ``transfer_codings`` from the Transfer-Encoding values
+        (RFC 9112 §6.1: a list of codings, chunked last or the body runs until close)."""
+        codings = [
+            coding
+            for value in values
+            for coding in (element.strip(b" \t").lower() for element in value.split(b","))
+            if coding  # empty list elements are ignored (RFC 9110 §5.6.1)
+        ]
+        if not codings:  # llhttp refuses an empty value, but reads "," until close
+            raise InvalidResponse(
+                f"Transfer-Encoding {b', '.join(values).decode('latin-1')!r} names no coding"
+            )
+        chunked = codings[-1] == b"chunked"
+        if chunked:
+            # llhttp takes chunked as last only when the value ends with it (spaces
+            # after it allowed): with a trailing "," or tab it reads until close.
+            # Where the two readings differ, nobody can know the body's end.
+            last = values[-1].rsplit(b",", 1)[-1].lstrip(b" \t").rstrip(b" ")
+            if last.lower() != b"chunked":
+                raise InvalidResponse(
+                    f"ambiguous Transfer-Encoding {b', '.join(values).decode('latin-1')!r}"
+                )
+            codings.pop()
+        self.chunked = chunked
+        self.transfer_codings = tuple(codings)
 
     def on_body(self, data: bytes) -> None:
         if self._state != _BODY:
@@ -390,12 +505,14 @@ class _Connection(asyncio.Protocol):
         "transport",
         "closed",
         "reused",
+        "pooled",
         "idle_since",
         "response",
         "_reading_paused",
         "_writing_paused",
         "_drain",
         "_timer",
+        "_send_timer",
         "_lost",
     )
 
@@ -405,12 +522,14 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.reused = False
+        self.pooled = False  # in the pool's idle list
         self.idle_since = 0.0
         self.response: UpstreamResponse | None = None
         self._reading_paused = False
         self._writing_paused = False
-        self._drain: asyncio.Future[None] | None = None
+        self._drain: asyncio.Future[bool] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._send_timer: asyncio.TimerHandle | None = None
         self._lost: BaseException | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------
@@ -427,19 +546,56 @@ class _Connection(asyncio.Protocol):
             self._close()
             return
         response._got_data = True
+        if response._head:
+            self._feed_head(response, data)
+        else:
+            self._feed(response, data)
+
+    def _feed(self, response: UpstreamResponse, data: bytes) -> bool:
+        """Parse ``data``; True when the parser stopped at the end of a HEAD
+        response's head (whatever followed in ``data`` was not parsed)."""
         try:
             response._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             cause = exc.__context__
             if isinstance(cause, _Stop):
-                if response._state == _BODY:  # the end of a HEAD response's head
+                if response._extra:  # a second response after the end of this one
+                    self._close()
+                elif response._state == _BODY:  # the end of a HEAD response's head
                     response._finish()
+                    return True
             elif isinstance(cause, UpstreamError):
                 self._broken(response, cause)
             else:
                 self._broken(response, InvalidResponse(_describe(exc)))
         except httptools.HttpParserUpgrade:  # 101 without our check (defensive)
             self._broken(response, UpgradeResponse("the upstream switched protocols (101)"))
+        return False
+
+    def _feed_head(self, response: UpstreamResponse, data: bytes) -> None:
+        """Parse a HEAD response. llhttp can't be told it has no body, so it is
+        stopped at the end of the head, and anything after that in the same packet
+        would go unseen: feed it one head (up to an empty line) at a time, and
+        anything left after the final head is a byte nobody asked for."""
+        tail = response._tail  # an empty line may start in the previous packet
+        seen = tail + data
+        response._tail = seen[-2:]
+        skip = len(tail)
+        start = 0
+        for match in _EMPTY_LINE.finditer(seen):
+            end = match.end() - skip
+            if end <= start:
+                continue
+            if self._feed(response, data[start:end]):
+                if end < len(data):
+                    response._extra = True
+                    self._close()
+                return
+            if self.closed or response._error is not None:
+                return
+            start = end
+        if start < len(data):
+            self._feed(response, data[start:])  # no head ends in it
 
     def eof_received(self) -> bool:
         response = self.response
@@ -476,7 +632,7 @@ class _Connection(asyncio.Protocol):
         if drain is not None:
             self._drain = None
             if not drain.done():
-                drain.set_result(None)
+                drain.set_result(True)
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -579,8 +735,18 @@ class _Connection(asyncio.Protocol):
                             f"the body is longer than its Content-Length ({length} bytes)"
                         )
                     transport.write(chunk)
-                if self._writing_paused:
-                    await self._drained()
+                if self._writing_paused and not await self._drained():
+                    # The upstream has read nothing for `timeout` seconds.
+                    if response._state == _HEAD:
+                        timeout = self.pool.timeout
+                        response._fail(SendTimeout(
+                            f"the upstream accepted none of the request body for "
+                            f"{timeout:g} s (upstream.timeout)"
+                        ))
+                        self._close()
+                    # (after an early answer: stop sending; the connection is not
+                    # reused, the body never having been sent whole)
+                    return
             if self.closed or response._state == _DONE:
                 return
             if length is None:
@@ -606,13 +772,60 @@ class _Connection(asyncio.Protocol):
         response._body_sent = True
         self._start_head_timer()
 
-    async def _drained(self) -> None:
+    async def _drained(self) -> bool:
+        """Wait for the write buffer to drain: True once it has, False when the
+        upstream took none of the body for ``pool.timeout`` seconds. Each wait is
+        bounded by itself, and bytes the upstream acknowledged meanwhile count as
+        progress (the kernel wakes a writer only once a third or so of a send buffer
+        of up to megabytes is free): a slow but moving upload is never cut."""
         if self.closed:
             raise self._lost_error()
         drain = self._drain
-        if drain is None:
+        if drain is None or drain.done():
             drain = self._drain = self.loop.create_future()
-        await drain
+        timeout = self.pool.timeout
+        if timeout is None:
+            return await drain
+        self._send_timer = self.loop.call_later(
+            timeout, self._send_stalled, drain, self._unsent()
+        )
+        try:
+            return await drain
+        finally:
+            timer = self._send_timer
+            if timer is not None:
+                self._send_timer = None
+                timer.cancel()
+            if self._drain is drain:
+                self._drain = None
+
+    def _send_stalled(self, drain: asyncio.Future[bool], unsent: int | None) -> None:
+        """``timeout`` passed in a wait to write: go on waiting if the upstream took
+        some bytes since, else end the wait (False)."""
+        self._send_timer = None
+        now = self._unsent()
+        if now is not None and unsent is not None and now < unsent and not drain.done():
+            self._send_timer = self.loop.call_later(
+                self.pool.timeout, self._send_stalled, drain, now  # type: ignore[arg-type]
+            )
+        else:
+            _resolve(drain, False)
+
+    def _unsent(self) -> int | None:
+        """Bytes written that the upstream has not acknowledged yet: the transport's
+        buffer plus the socket's send queue. None where the latter can't be known
+        (not Linux): then only the buffer draining counts as progress."""
+        transport = self.transport
+        if _OUTQ is None or transport is None or self.closed:
+            return None
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return None
+        try:
+            queued = fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0")
+        except (OSError, ValueError):
+            return None
+        return transport.get_write_buffer_size() + int.from_bytes(queued, sys.byteorder)
 
     def _release(self) -> None:
         self.response = None
@@ -637,11 +850,14 @@ class UpstreamPool:
     path is ignored here: callers send the full request target).
 
     ``connect_timeout``: seconds to open a connection (TCP and TLS). ``timeout``:
-    seconds to wait for the response head once the request is sent, and for each
-    piece of the body (None: no limit). ``max_connections``: open connections at
-    most (None: no limit); requests beyond it wait for one to be free. ``max_idle``:
-    idle connections kept. ``idle_timeout``: seconds an idle connection is kept.
-    ``ssl``: the context for https (default: the system's CAs, hostname checked).
+    seconds to wait for the response head once the request is sent, for each piece
+    of the body, and for the upstream to take more of the request body (None: no
+    limit). ``max_connections``: open connections at most (None: no limit);
+    requests beyond it wait for one to be free, at most ``acquire_timeout`` seconds
+    (None: ``connect_timeout``'s value, so no limit when that is None too).
+    ``max_idle``: idle connections kept. ``idle_timeout``: seconds an idle
+    connection is kept. ``ssl``: the context for https (default: the system's CAs,
+    hostname checked).
     """
 
     def __init__(
@@ -651,8 +867,9 @@ class UpstreamPool:
         connect_timeout: float | None = 5.0,
         timeout: float | None = 60.0,
         max_connections: int | None = None,
+        acquire_timeout: float | None = None,
         max_idle: int = 1024,
-        idle_timeout: float = 15.0,
+        idle_timeout: float = 30.0,
         ssl: _ssl.SSLContext | None = None,
     ) -> None:
         parsed = URL(url)
@@ -660,6 +877,10 @@ class UpstreamPool:
             raise ValueError(f"upstream URL {url!r} must be http:// or https:// with a host")
         if max_connections is not None and max_connections < 1:
             raise ValueError(f"max_connections must be at least 1, not {max_connections}")
+        if acquire_timeout is None:
+            acquire_timeout = connect_timeout
+        if acquire_timeout is not None and acquire_timeout < 0:
+            raise ValueError(f"acquire_timeout must not be negative, not {acquire_timeout}")
         self.host: str = parsed.host
         self.port: int = parsed.port or (443 if parsed.scheme == "https" else 80)
         self.ssl: _ssl.SSLContext | None = None
@@ -668,6 +889,7 @@ class UpstreamPool:
         self.connect_timeout = connect_timeout
         self.timeout = timeout
         self.max_connections = max_connections
+        self.acquire_timeout = acquire_timeout
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         self._loop = asyncio.get_running_loop()
@@ -682,17 +904,30 @@ class UpstreamPool:
 
     @property
     def idle_count(self) -> int:
+        """Open connections in the pool, waiting for a request."""
         return len(self._idle)
 
     @property
     def open_count(self) -> int:
+        """Open connections, idle or in use (not those still connecting)."""
         return len(self._open)
 
-    async def _acquire(self) -> _Connection:
+    @property
+    def active_count(self) -> int:
+        """Open connections in use by a request: open minus idle."""
+        return len(self._open) - len(self._idle)
+
+    @property
+    def waiting_count(self) -> int:
+        """Requests waiting for a connection (``max_connections`` reached)."""
+        return len(self._waiters)
+
+    def _take_idle(self) -> _Connection | None:
         idle = self._idle
         now = self._loop.time()
         while idle:
             conn = idle.pop()  # most recently used first: the others may expire
+            conn.pooled = False
             if conn.closed:
                 continue
             if now - conn.idle_since >= self.idle_timeout:
@@ -700,8 +935,30 @@ class UpstreamPool:
                 continue
             conn.reused = True
             return conn
+        return None
+
+    async def _acquire(self) -> _Connection:
+        conn = self._take_idle()
+        if conn is not None:
+            return conn
         limit = self.max_connections
-        while limit is not None and len(self._open) + self._connecting >= limit:
+        if limit is not None and len(self._open) + self._connecting >= limit:
+            try:
+                async with asyncio.timeout(self.acquire_timeout):
+                    conn = await self._wait_for_slot(limit)
+            except TimeoutError:
+                raise PoolTimeout(
+                    f"all {limit} upstream connections busy for "
+                    f"{self.acquire_timeout:g} s (upstream.max_connections)"
+                ) from None
+            if conn is not None:
+                return conn
+        return await self._connect()
+
+    async def _wait_for_slot(self, limit: int) -> _Connection | None:
+        """Wait until a connection is handed back (returned) or one may be opened
+        (None)."""
+        while len(self._open) + self._connecting >= limit:
             waiter = self._loop.create_future()
             self._waiters.append(waiter)
             try:
@@ -710,14 +967,16 @@ class UpstreamPool:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
                 elif waiter.done() and not waiter.cancelled():
-                    self._wake_one()  # pass the free slot on
+                    self._wake_one()  # woken, but leaving: pass the free slot on
                 raise
-            while idle:
-                conn = idle.pop()
-                if not conn.closed:
-                    conn.reused = True
-                    return conn
-        return await self._connect()
+            if self._closed:
+                raise ConnectError(
+                    "the upstream pool is closed", OSError(errno.ESHUTDOWN, "closed")
+                )
+            conn = self._take_idle()
+            if conn is not None:
+                return conn
+        return None
 
     async def _connect(self) -> _Connection:
         if self._closed:
@@ -750,18 +1009,18 @@ class UpstreamPool:
         if self._closed or len(self._idle) >= self.max_idle:
             conn._close()
             return
-        if self._waiters:
-            # Someone waits for a slot: give them this connection.
-            self._idle.append(conn)
-            conn.idle_since = self._loop.time()
-            self._wake_one()
-            return
         conn.idle_since = self._loop.time()
-        self._idle.append(conn)
+        conn.pooled = True
+        self._idle.append(conn)  # so the list is oldest first
         if self._sweeper is None:
             self._sweeper = self._loop.call_later(self.idle_timeout, self._sweep)
+        if self._waiters:
+            self._wake_one()  # someone waits for a slot: this connection is theirs
 
     def _forget(self, conn: _Connection) -> None:
+        if conn.pooled:
+            conn.pooled = False
+            self._idle.remove(conn)
         if conn in self._open:
             self._open.discard(conn)
             self._wake_one()
@@ -774,22 +1033,29 @@ class UpstreamPool:
                 return
 
     def _sweep(self) -> None:
+        """Close the idle connections that expired; come back when the oldest of
+        the others does."""
         self._sweeper = None
+        if self._closed:
+            return
+        idle = self._idle
         deadline = self._loop.time() - self.idle_timeout
-        keep = []
-        for conn in self._idle:
-            if conn.closed:
-                continue
-            if conn.idle_since <= deadline:
-                conn._close()
-            else:
-                keep.append(conn)
-        self._idle[:] = keep
-        if keep and not self._closed:
-            self._sweeper = self._loop.call_later(self.idle_timeout / 2, self._sweep)
+        expired = 0
+        while expired < len(idle) and idle[expired].idle_since <= deadline:
+            expired += 1
+        gone = idle[:expired]
+        del idle[:expired]
+        for conn in gone:
+            conn.pooled = False
+            conn._close()
+        if idle:
+            self._sweeper = self._loop.call_at(
+                idle[0].idle_since + self.idle_timeout, self._sweep
+            )
 
     async def close(self) -> None:
-        """Close every connection (idle and in use); later requests fail."""
+        """Close every connection (idle and in use); later requests fail, and so do
+        those waiting for a connection."""
         self._closed = True
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -797,10 +1063,10 @@ class UpstreamPool:
         for conn in list(self._open) + self._idle:
             conn._close()
         self._idle.clear()
-        while self._waiters:
+        while self._waiters:  # they see the pool closed
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.cancel()
+                waiter.set_result(None)
 
     # -- one exchange ---------------------------------------------------------------
 
@@ -817,13 +1083,15 @@ class UpstreamPool:
 
         ``target`` is sent as given (path and query, already percent-encoded);
         ``headers`` exactly as given, plus ``Content-Length: 0`` or
-        ``Transfer-Encoding: chunked`` as the module docstring says. Raises
-        :class:`ValueError` for a target or header that can't go on the wire
-        (control characters, non-UTF-8-encodable text), an :class:`UpstreamError`
-        for everything else.
+        ``Transfer-Encoding: chunked`` as the module docstring says; all of it
+        encoded as latin-1 (one character, one byte). Raises :class:`ValueError`
+        for a target or header that can't go on the wire (CR, LF, a character above
+        U+00FF), an :class:`UpstreamError` for everything else. ``retry``: send a
+        body-less idempotent request again once if a reused connection turns out
+        stale (the module docstring says when); ignored for any other request.
         """
         head, length = _serialise(method, target, headers, body is not None)
-        attempts = 2 if retry and body is None else 1
+        attempts = 2 if retry and body is None and method in _RETRY_METHODS else 1
         for attempt in range(attempts):
             conn = await self._acquire()
             try:
@@ -866,6 +1134,11 @@ class UpstreamPool:
             response.close()
             raise
         return response
+
+
+def _resolve(future: asyncio.Future[bool], value: bool) -> None:
+    if not future.done():
+        future.set_result(value)
 
 
 def _stale(exc: UpstreamError) -> bool:
@@ -911,6 +1184,11 @@ def _serialise(
     if text.count("\n") != newlines + 1 or text.count("\r") != newlines + 1:
         raise ValueError("a request header or the target holds a CR or LF character")
     try:
-        return text.encode("utf-8"), length
+        # latin-1: the caller's str carries the bytes 1:1 (U+0000-U+00FF).
+        return text.encode("latin-1"), length
     except UnicodeEncodeError as exc:
-        raise ValueError(f"request head can't be encoded: {exc}") from None
+        bad = exc.object[exc.start]
+        raise ValueError(
+            f"a request header or the target holds {bad!r} (U+{ord(bad):04X}), "
+            f"above U+00FF: it can't be sent as one byte"
+        ) from None

@@ -10,8 +10,8 @@ sockets; nothing is mocked.
 - ``raw_upstream``: a plain asyncio TCP server for upstream behaviour aiohttp would
   not produce (no Content-Type, broken responses, 101).
 - ``make_proxy(cors=..., routes=..., listen=..., upstream=...)``: a real proxy
-  (``corsproxy.server.build_app``) on its own port, configured through the real
-  config loader.
+  (``corsproxy.server.ProxyServer``, the object ``corsproxy run`` serves) on its own
+  port, configured through the real config loader.
 - ``http``: an aiohttp client that adds no headers of its own, follows no
   redirects, keeps no cookies and does not decompress.
 - :func:`raw_exchange`: bytes in, bytes out over one TCP connection, with a timeout.
@@ -34,7 +34,8 @@ import yaml
 from aiohttp import web
 
 from corsproxy.config import parse_config
-from corsproxy.server import build_app
+from corsproxy.server import Proxy as ProxyApp
+from corsproxy.server import ProxyServer
 
 IO_TIMEOUT = 10.0
 
@@ -313,8 +314,15 @@ async def raw_upstream():
 class Proxy:
     url: str
     port: int
-    app: web.Application
-    runner: web.AppRunner
+    server: ProxyServer
+
+    @property
+    def app(self) -> ProxyApp:
+        """The application object (its preflight cache, pool...)."""
+        return self.server.proxy
+
+    async def close(self) -> None:
+        await self.server.stop(2.0)
 
 
 def config_text(
@@ -336,13 +344,9 @@ def config_text(
 
 async def start_proxy(config_yaml: str, log_format: str = "text") -> Proxy:
     config = parse_config(config_yaml, "test-config.yaml")
-    app = build_app(config, log_format=log_format)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=2.0)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    return Proxy(f"http://127.0.0.1:{port}", port, app, runner)
+    server = ProxyServer(config, log_format=log_format)
+    _, port = await server.start()
+    return Proxy(f"http://127.0.0.1:{port}", port, server)
 
 
 @pytest.fixture
@@ -366,7 +370,7 @@ async def make_proxy(upstream):
 
     yield make
     for proxy in started:
-        await proxy.runner.cleanup()
+        await proxy.close()
 
 
 # ---------------------------------------------------------------------------

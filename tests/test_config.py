@@ -75,9 +75,10 @@ BAD_FILES = [
             "FILE: cros: unknown key; did you mean cors? allowed keys here: listen, upstream, "
             "cors, routes",
             "FILE: listen.prot: unknown key; did you mean port? allowed keys here: host, port, "
-            "max_body_size, shutdown_grace, workers",
+            "max_body_size, shutdown_grace, workers, header_timeout, keepalive_timeout, "
+            "body_timeout, send_timeout, max_header_size",
             "FILE: upstream.uri: unknown key; did you mean url? allowed keys here: url, "
-            "connect_timeout, timeout, preserve_host",
+            "connect_timeout, timeout, preserve_host, max_connections, idle_timeout",
             "FILE: routes[0].cros: unknown key; did you mean cors? allowed keys here: path, cors",
             f"FILE: routes[1].cors.colour: unknown key; allowed keys here: {CORS_KEYS}",
         ],

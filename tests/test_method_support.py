@@ -1,6 +1,6 @@
 """Which request methods reach corsproxy at all.
 
-aiohttp's server parses request lines with llhttp, which refuses methods it doesn't
+The proxy's server parses request lines with llhttp (httptools), which refuses methods it doesn't
 know (and lower-case ones) with its own 400 before any handler runs. ``corsproxy
 check`` warns about such methods in ``allow_methods`` (config.RECEIVABLE_METHODS);
 this test keeps that list true against a live proxy.

@@ -39,7 +39,7 @@ async def test_case_through_the_proxy(case, upstream, http):
             case.request.method, proxy.url + case.request.path, list(case.request.headers)
         )
     finally:
-        await proxy.runner.cleanup()
+        await proxy.close()
     expect = case.expect
 
     assert result.cors == expected_cors_headers(case), result.body

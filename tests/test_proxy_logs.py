@@ -60,8 +60,8 @@ async def test_proxy_made_errors_are_logged_with_their_cause(make_proxy, http, c
     (record,) = [json.loads(line) for line in access_lines(caplog)]
     assert record["status"] == 502
     assert record["cors"] == "allowed"
-    assert record["error"].startswith("cannot connect to the upstream http://127.0.0.1:")
-    assert record["error"].endswith("connection refused")
+    assert record["error"].startswith("upstream refused the connection (upstream http://127.0.0.1:")
+    assert record["error"].endswith(": connection refused)")
 
 
 async def test_a_bug_in_the_proxy_becomes_a_clean_502_with_cors_headers(

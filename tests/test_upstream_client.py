@@ -1,10 +1,13 @@
 """corsproxy.upstream: the proxy's own HTTP/1.1 client, against hand-written upstreams.
 
 Every upstream here is a raw asyncio server on 127.0.0.1 that sends exact bytes, so
-framing edge cases (chunk extensions, trailers, HEAD with Content-Length, 1xx, 204/304,
-read-until-close, early and unsolicited responses, garbage) are what the client
-really gets. Each test records what the server received, byte for byte. Waits are
-bounded; nothing asserts on how long anything took.
+framing edge cases (chunk extensions, trailers, Transfer-Encoding codings, HEAD with
+Content-Length, 1xx, 204/304, read-until-close, early and unsolicited responses,
+bytes after a response's end, garbage) are what the client really gets, and
+upstreams that read a request body slowly or not at all exercise the send timeout.
+Each test records what the server received, byte for byte. Waits are bounded;
+nothing asserts on how long anything took (the idle sweeper test relies only on two
+connections expiring 0.15 s apart, in order).
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ from corsproxy.upstream import (
     ConnectTimeout,
     Disconnected,
     InvalidResponse,
+    PoolTimeout,
     RequestBodyError,
     ResponseTimeout,
+    SendTimeout,
     UpgradeResponse,
     UpstreamPool,
     UpstreamResponse,
@@ -190,15 +195,29 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
 async def test_request_head_is_sent_byte_exact(serve):
+    # The head is latin-1: each character of the caller's str is one byte, so raw
+    # bytes (here UTF-8 and a lone \xff) go through unchanged.
     server, pool = await serve(repeat_handler(OK))
     headers = [("Host", "up:1"), ("x-lower", "a"), ("X-Dup", "1"), ("X-Dup", "2"),
-               ("Authorization", "Bearer é")]
-    response, data = await fetch(pool, "GET", "/a%2Fb/../c?q=%20&x=a+b", headers)
+               ("Authorization", "Bearer é"), ("X-Raw", "caf\xc3\xa9 \x80\xff"),
+               ("X-\xe9", "v")]
+    response, data = await fetch(pool, "GET", "/a%2Fb/../c?q=%20&x=a+b&r=\xff", headers)
     assert (response.status, data) == (200, b"ok")
     assert server.heads == [
-        b"GET /a%2Fb/../c?q=%20&x=a+b HTTP/1.1\r\nHost: up:1\r\nx-lower: a\r\nX-Dup: 1\r\n"
-        b"X-Dup: 2\r\nAuthorization: Bearer \xc3\xa9\r\n\r\n"
+        b"GET /a%2Fb/../c?q=%20&x=a+b&r=\xff HTTP/1.1\r\nHost: up:1\r\nx-lower: a\r\n"
+        b"X-Dup: 1\r\nX-Dup: 2\r\nAuthorization: Bearer \xe9\r\n"
+        b"X-Raw: caf\xc3\xa9 \x80\xff\r\nX-\xe9: v\r\n\r\n"
     ]
+
+
+@pytest.mark.parametrize(("target", "headers"), [
+    ("/", [("X-Euro", "\u20ac")]), ("/", [("X-\u0100", "a")]), ("/\u2603", []),
+])
+async def test_a_character_above_u00ff_is_refused_before_sending(serve, target, headers):
+    server, pool = await serve(repeat_handler(OK))
+    with pytest.raises(ValueError, match=r"above U\+00FF"):
+        await pool.request("GET", target, [("Host", "up"), *headers])
+    assert server.connections == 0
 
 
 @pytest.mark.parametrize(("method", "added"), [
@@ -429,6 +448,117 @@ async def test_read_until_close_body(serve):
     assert pool.open_count == 0 and pool.idle_count == 0
 
 
+def close_handler(data: bytes) -> Handler:
+    """Answer one request with ``data``, then close the connection."""
+
+    async def handle(conn: Conn) -> None:
+        await conn.head()
+        await conn.send(data)
+        conn.writer.close()
+
+    return handle
+
+
+async def test_a_close_delimited_transfer_coding_is_read_to_the_end(serve):
+    # Transfer-Encoding without chunked last: the body runs until the connection
+    # closes (RFC 9112 §6.3), and comes with its coding still applied.
+    async def handle(conn: Conn) -> None:
+        await conn.head()
+        await conn.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n\x1f\x8b part one, ")
+        await asyncio.sleep(0.02)
+        await conn.send(b"part two")
+        conn.writer.close()
+
+    server, pool = await serve(handle)
+    response, data = await fetch(pool)
+    assert data == b"\x1f\x8b part one, part two"
+    assert (response.chunked, response.transfer_codings) == (False, (b"gzip",))
+    assert pool.open_count == 0 and pool.idle_count == 0
+
+
+@pytest.mark.parametrize(("head", "body", "codings"), [
+    # chunked last: de-chunked, the other codings named
+    (b"Transfer-Encoding: gzip, chunked", b"3\r\nabc\r\n0\r\n\r\n", (b"gzip",)),
+    (b"Transfer-Encoding: GZip\r\nTransfer-Encoding: x-a ,\tCHUNKED  ",
+     b"3\r\nabc\r\n0\r\n\r\n", (b"gzip", b"x-a")),
+    (b"Transfer-Encoding: chunked", b"3\r\nabc\r\n0\r\n\r\n", ()),
+    (b"Transfer-Encoding: gzip,,chunked", b"3\r\nabc\r\n0\r\n\r\n", (b"gzip",)),
+])
+async def test_chunked_as_the_last_transfer_coding(serve, head, body, codings):
+    server, pool = await serve(repeat_handler(b"HTTP/1.1 200 OK\r\n" + head + b"\r\n\r\n" + body))
+    for _ in range(2):
+        response, data = await fetch(pool)
+        assert data == b"abc"
+        assert (response.chunked, response.transfer_codings) == (True, codings)
+    assert server.connections == 1  # framed by chunked: reused
+
+
+@pytest.mark.parametrize(("head", "codings"), [
+    (b"Transfer-Encoding: chunked, gzip", (b"chunked", b"gzip")),
+    (b"Transfer-Encoding: chunked\r\nTransfer-Encoding: br", (b"chunked", b"br")),
+    (b"Transfer-Encoding: x-custom;q=1", (b"x-custom;q=1",)),
+    # with Content-Length too: Transfer-Encoding wins, whatever the length says
+    (b"Transfer-Encoding: gzip\r\nContent-Length: 3", (b"gzip",)),
+    (b"Content-Length: 300\r\nTransfer-Encoding: gzip", (b"gzip",)),
+])
+async def test_a_transfer_coding_other_than_chunked_last_reads_until_close(serve, head, codings):
+    body = b"3\r\nabc\r\n0\r\n\r\nand more"
+    server, pool = await serve(close_handler(b"HTTP/1.1 200 OK\r\n" + head + b"\r\n\r\n" + body))
+    response, data = await fetch(pool)
+    assert data == body  # all of it, as sent
+    assert (response.chunked, response.transfer_codings) == (False, codings)
+    assert pool.open_count == 0
+
+
+@pytest.mark.parametrize("head", [
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 2",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked",
+    b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked",
+])
+async def test_suspect_chunked_framing_is_read_but_never_reused(serve, head):
+    # Transfer-Encoding with Content-Length (RFC 9112 §6.3: smuggling-shaped), or in
+    # HTTP/1.0 (§6.1): framed by chunked, then the connection is closed.
+    server, pool = await serve(repeat_handler(head + b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n"))
+    for _ in range(2):
+        response, data = await fetch(pool)
+        assert (data, response.chunked) == (b"abc", True)
+        assert pool.idle_count == 0
+    assert server.connections == 2
+
+
+@pytest.mark.parametrize(("head", "message"), [
+    (b"Transfer-Encoding: chunked,", "ambiguous"),
+    (b"Transfer-Encoding: gzip, chunked\t", "ambiguous"),
+    (b"Transfer-Encoding: chunked\r\nTransfer-Encoding: ,", "ambiguous"),
+    (b"Transfer-Encoding: , \r\nContent-Length: 3", "names no coding"),
+    (b"Transfer-Encoding: ", "(?i)empty"),
+])
+async def test_an_ambiguous_transfer_encoding_is_invalid(serve, head, message):
+    # llhttp would read these until close while chunked is their last coding, or
+    # while they name no coding at all (or refuses them).
+    server, pool = await serve(keep_alive_handler([
+        b"HTTP/1.1 200 OK\r\n" + head + b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    ]))
+    with pytest.raises(InvalidResponse, match=message):
+        await fetch(pool)
+    assert pool.open_count == 0
+
+
+async def test_transfer_codings_of_bodiless_responses(serve):
+    server, pool = await serve(keep_alive_handler([
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+        b"HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: br\r\n\r\n",
+        OK,
+    ]))
+    response, data = await fetch(pool, "HEAD")
+    assert (data, response.chunked, response.transfer_codings) == (b"", True, (b"gzip",))
+    response, data = await fetch(pool)
+    assert (data, response.chunked, response.transfer_codings) == (b"", False, (b"br",))
+    response, data = await fetch(pool)
+    assert (data, response.chunked, response.transfer_codings) == (b"ok", False, ())
+    assert server.connections == 1
+
+
 async def test_http10_response_without_keep_alive_is_not_reused(serve):
     server, pool = await serve(repeat_handler(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"))
     await fetch(pool)
@@ -576,6 +706,111 @@ async def test_a_fresh_connection_failing_is_not_retried(serve):
     assert server.connections == 1
 
 
+def stale_handler() -> Handler:
+    """Answer the first request, then drop the connection when the next one comes
+    (the upstream's idle timer firing just then)."""
+
+    async def handle(conn: Conn) -> None:
+        head = await conn.head()
+        await conn.body(head)
+        await conn.send(OK)
+        await conn.head()
+        conn.writer.transport.abort()
+
+    return handle
+
+
+@pytest.mark.parametrize(("method", "with_body"), [
+    ("POST", False), ("PATCH", False), ("PUT", True), ("GET", True),
+])
+async def test_a_stale_connection_is_never_retried_for_a_body_or_a_non_idempotent_method(
+    serve, method, with_body
+):
+    server, pool = await serve(stale_handler())
+    await fetch(pool, target="/1")
+
+    async def body():
+        yield b"data"
+
+    with pytest.raises((Disconnected, ConnectionFailed)):
+        await fetch(pool, method, "/2", [("Host", "up"), ("Content-Length", "4")]
+                    if with_body else None, body() if with_body else None, retry=True)
+    assert [h.split(b" ")[1] for h in server.heads] == [b"/1", b"/2"]  # sent once
+    assert server.connections == 1
+
+
+@pytest.mark.parametrize("method", ["HEAD", "OPTIONS", "PUT", "DELETE"])
+async def test_a_stale_connection_is_retried_for_other_idempotent_methods(serve, method):
+    server, pool = await serve(stale_handler())
+    await fetch(pool, target="/1")
+    response, _ = await fetch(pool, method, "/2", retry=True)
+    assert response.status == 200
+    assert [h.split(b" ")[1] for h in server.heads] == [b"/1", b"/2", b"/2"]
+    assert server.connections == 2
+
+
+@pytest.mark.parametrize(("method", "response_bytes", "extra", "body"), [
+    ("HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", b"hello", b""),
+    ("HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", b"\r\n", b""),
+    ("HEAD", b"HTTP/1.1 200 OK\nContent-Length: 2\n\n", OK, b""),
+    ("HEAD", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked"
+             b"\r\n\r\n", b"0\r\n\r\n", b""),
+    ("GET", b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n", b"hello", b""),
+    ("GET", b"HTTP/1.1 304 Not Modified\r\n\r\n", OK, b""),
+    ("GET", OK, b"garbage", b"ok"),
+    ("GET", OK, b"HTTP/1.1 200 OK\r\n", b"ok"),
+    ("GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", b"X",
+     b"ok"),
+])
+@pytest.mark.parametrize("same_packet", [True, False])
+async def test_bytes_after_the_end_of_a_response_close_the_connection(
+    serve, method, response_bytes, extra, body, same_packet
+):
+    # Whatever follows the end of a response (a body after a HEAD, 204 or 304 head,
+    # anything after a complete body) is a byte nobody asked for: the connection
+    # must never carry another request, whether the bytes come with the response
+    # or after it.
+    async def handle(conn: Conn) -> None:
+        await conn.head()
+        if same_packet:
+            await conn.send(response_bytes + extra)
+        else:
+            await conn.send(response_bytes)
+            await asyncio.sleep(0.05)
+            await conn.send(extra)
+        await conn.reader.read()
+
+    server, pool = await serve(handle)
+    response, data = await fetch(pool, method)
+    status = int(response_bytes.rsplit(b"HTTP/1.1 ", 1)[1][:3])  # the final response's
+    assert (response.status, data) == (status, body)
+    async with asyncio.timeout(IO):
+        while pool.open_count:
+            await asyncio.sleep(0.01)
+    assert pool.idle_count == 0
+
+
+async def test_a_head_response_split_anywhere_is_reused(serve):
+    # A HEAD response's head is fed to the parser up to each empty line: an empty
+    # line split across packets is still the end, and nothing is left over.
+    head = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n"
+
+    async def handle(conn: Conn) -> None:
+        for cut in (len(head) - 1, len(head) - 2, len(head) - 3, 25, 26):
+            await conn.head()
+            await conn.send(head[:cut])
+            await asyncio.sleep(0.02)
+            await conn.send(head[cut:])
+        await conn.reader.read()
+
+    server, pool = await serve(handle)
+    for _ in range(5):
+        response, data = await fetch(pool, "HEAD")
+        assert (response.status, data) == (200, b"")
+        assert pool.idle_count == 1
+    assert server.connections == 1
+
+
 async def test_disconnect_without_response(serve):
     async def handle(conn: Conn) -> None:
         await conn.head()
@@ -649,6 +884,147 @@ async def test_max_connections_makes_requests_wait(serve):
     results = await asyncio.gather(*tasks)
     assert [data for _, data in results] == [b"ok"] * 5
     assert server.connections == 2
+
+
+async def test_active_count(serve):
+    gate = asyncio.Event()
+    server, pool = await serve(gated_handler(gate))
+    assert (pool.active_count, pool.open_count, pool.idle_count) == (0, 0, 0)
+    tasks = [asyncio.create_task(fetch(pool)) for _ in range(3)]
+    async with asyncio.timeout(IO):
+        while len(server.heads) < 3:
+            await asyncio.sleep(0.01)
+    assert (pool.active_count, pool.open_count, pool.idle_count) == (3, 3, 0)
+    gate.set()
+    await asyncio.gather(*tasks)
+    assert (pool.active_count, pool.open_count, pool.idle_count) == (0, 3, 3)
+
+
+async def test_a_request_waits_for_a_connection_at_most_acquire_timeout(serve):
+    gate = asyncio.Event()
+    server, pool = await serve(gated_handler(gate),
+                               {"max_connections": 1, "acquire_timeout": 0.2})
+    first = asyncio.create_task(fetch(pool, target="/first"))
+    async with asyncio.timeout(IO):
+        while not server.heads:
+            await asyncio.sleep(0.01)
+    with pytest.raises(PoolTimeout, match=r"^all 1 upstream connections busy for 0.2 s "
+                                          r"\(upstream.max_connections\)$"):
+        await fetch(pool, target="/late")
+    assert pool.waiting_count == 0  # no waiter left behind
+    # A later waiter still gets the connection when it is handed back.
+    pool.acquire_timeout = IO
+    second = asyncio.create_task(fetch(pool, target="/second"))
+    async with asyncio.timeout(IO):
+        while pool.waiting_count < 1:
+            await asyncio.sleep(0.01)
+    gate.set()
+    results = await asyncio.gather(first, second)
+    assert [data for _, data in results] == [b"ok", b"ok"]
+    assert [h.split(b" ")[1] for h in server.heads] == [b"/first", b"/second"]
+    assert server.connections == 1 and pool.waiting_count == 0
+
+
+async def test_a_cancelled_waiter_passes_the_connection_on(serve):
+    # Two waiters go away: one while still waiting, one just after it was handed
+    # the connection (cancelled before it could run). The connection must reach
+    # the third.
+    server, pool = await serve(repeat_handler(OK), {"max_connections": 1})
+    async with asyncio.timeout(IO):
+        held = await pool.request("GET", "/held", [("Host", "up")])
+    waiting = asyncio.create_task(fetch(pool, target="/waiting"))
+    woken = asyncio.create_task(fetch(pool, target="/woken"))
+    last = asyncio.create_task(fetch(pool, target="/last"))
+    async with asyncio.timeout(IO):
+        while pool.waiting_count < 3:
+            await asyncio.sleep(0.01)
+    waiting.cancel()
+    await asyncio.gather(waiting, return_exceptions=True)
+    assert pool.waiting_count == 2
+    assert await read_all(held) == b"ok"
+    held.release()  # hands the connection to `woken`...
+    woken.cancel()  # ...which goes before it runs
+    with pytest.raises(asyncio.CancelledError):
+        await woken
+    _, data = await last
+    assert data == b"ok"
+    assert [h.split(b" ")[1] for h in server.heads] == [b"/held", b"/last"]
+    assert pool.waiting_count == 0 and server.connections == 1
+
+
+async def test_acquire_timeout_defaults_to_connect_timeout(serve):
+    gate = asyncio.Event()
+    server, pool = await serve(gated_handler(gate),
+                               {"max_connections": 1, "connect_timeout": 0.2})
+    assert pool.acquire_timeout == 0.2
+    first = asyncio.create_task(fetch(pool))
+    async with asyncio.timeout(IO):
+        while not server.heads:
+            await asyncio.sleep(0.01)
+    with pytest.raises(PoolTimeout, match="busy for 0.2 s"):
+        await fetch(pool)
+    gate.set()
+    await first
+    assert UpstreamPool(server.url, connect_timeout=None).acquire_timeout is None
+    with pytest.raises(ValueError, match="acquire_timeout"):
+        UpstreamPool(server.url, acquire_timeout=-1)
+
+
+async def test_closing_the_pool_fails_the_waiting_requests(serve):
+    gate = asyncio.Event()
+    server, pool = await serve(gated_handler(gate), {"max_connections": 1})
+    first = asyncio.create_task(fetch(pool))
+    async with asyncio.timeout(IO):
+        while not server.heads:
+            await asyncio.sleep(0.01)
+    waiting = asyncio.create_task(fetch(pool))
+    async with asyncio.timeout(IO):
+        while pool.waiting_count < 1:
+            await asyncio.sleep(0.01)
+    await pool.close()
+    with pytest.raises(ConnectError, match="closed"):
+        await waiting  # an error, not a CancelledError out of a task nobody cancelled
+    with pytest.raises((Disconnected, ConnectionFailed)):
+        await first
+
+
+async def test_idle_timeout_defaults_to_30_s(serve):
+    server, pool = await serve(repeat_handler(OK))
+    assert UpstreamPool(server.url).idle_timeout == 30.0
+
+
+async def test_the_sweeper_closes_each_idle_connection_as_it_expires(serve):
+    # Two idle connections, released 0.15 s apart: the older one is closed when its
+    # 0.3 s are up, the younger one stays until its own time (not a sweep interval
+    # later), and the upstream sees both closed.
+    closed = []
+    answer = asyncio.Event()
+
+    async def handle(conn: Conn) -> None:
+        head = await conn.head()
+        if b"/later" in head:
+            async with asyncio.timeout(IO):
+                await answer.wait()
+        await conn.send(OK)
+        await conn.reader.read()  # until the client closes
+        closed.append(head.split(b" ")[1])
+
+    server, pool = await serve(handle, {"idle_timeout": 0.3})
+    later = asyncio.create_task(fetch(pool, target="/later"))
+    await fetch(pool, target="/now")
+    await asyncio.sleep(0.15)
+    answer.set()
+    await later
+    assert (pool.idle_count, pool.active_count) == (2, 0)
+    async with asyncio.timeout(IO):
+        while pool.idle_count == 2:
+            await asyncio.sleep(0.005)
+    assert pool.idle_count == pool.open_count == 1  # the younger one is still kept
+    async with asyncio.timeout(IO):
+        while pool.open_count or len(closed) < 2:
+            await asyncio.sleep(0.01)
+    assert closed == [b"/now", b"/later"]
+    assert pool.idle_count == 0
 
 
 async def test_idle_connections_expire(serve):
@@ -792,6 +1168,99 @@ async def test_head_timeout_starts_once_the_body_is_sent(serve):
     assert server.bodies == [b"slow" * 4]
 
 
+async def test_an_upstream_that_reads_none_of_the_body_is_a_send_timeout(serve):
+    # The upstream reads the head, then nothing: once the socket buffers are full
+    # the body can't move, and after `timeout` the exchange fails and the
+    # connection is closed.
+    total = 16 * 1024 * 1024
+    produced = []
+    done = asyncio.Event()
+
+    async def handle(conn: Conn) -> None:
+        await conn.head()
+        async with asyncio.timeout(IO):
+            await done.wait()
+
+    server, pool = await serve(handle, {"timeout": 0.3})
+
+    async def body():
+        for _ in range(total // 65536):
+            produced.append(65536)
+            yield b"s" * 65536
+
+    with pytest.raises(SendTimeout, match=r"^the upstream accepted none of the request "
+                                          r"body for 0.3 s \(upstream.timeout\)$"):
+        async with asyncio.timeout(IO):
+            await pool.request("PUT", "/", [("Host", "up"), ("Content-Length", str(total))],
+                               body())
+    done.set()
+    assert sum(produced) < total
+    assert pool.open_count == 0 and pool.idle_count == 0
+
+
+async def test_a_slow_but_steady_upload_is_never_cut(serve):
+    # The upstream reads the first 8 MiB 128 KiB at a time with a pause in between:
+    # that takes far longer than `timeout` (64 pauses of 20 ms against 0.25 s), but
+    # each wait for the write buffer to drain is short. Then it reads the rest at
+    # once: what sits in the socket buffers when the last byte is handed over must
+    # reach it well within the response timeout, which starts then.
+    total = 16 * 1024 * 1024
+
+    async def handle(conn: Conn) -> None:
+        await conn.head()
+        received = 0
+        async with asyncio.timeout(IO * 2):
+            while received < total // 2:
+                received += len(await conn.reader.read(128 * 1024))
+                await asyncio.sleep(0.02)
+            while received < total:
+                received += len(await conn.reader.read(1 << 20))
+        server.bodies.append(received)
+        await conn.send(OK)
+        await conn.reader.read()
+
+    server, pool = await serve(handle, {"timeout": 0.25})
+
+    async def body():
+        for _ in range(total // 65536):
+            yield b"u" * 65536
+
+    response, data = await fetch(pool, "PUT", "/", [("Host", "up"),
+                                                    ("Content-Length", str(total))], body())
+    assert (response.status, data) == (200, b"ok")
+    assert server.bodies == [total]
+    assert pool.idle_count == 1  # sent whole, read whole: reusable
+
+
+async def test_an_early_answer_while_the_upstream_reads_none_of_the_body(serve):
+    # The upstream answers from the head and never reads the body: the answer comes
+    # through whole (no SendTimeout once the head is in), the rest of the body is
+    # not sent, and the connection is closed.
+    total = 16 * 1024 * 1024
+    done = asyncio.Event()
+
+    async def handle(conn: Conn) -> None:
+        await conn.head()
+        await conn.send(b"HTTP/1.1 413 Too Big\r\nContent-Length: 3\r\n\r\nbig")
+        async with asyncio.timeout(IO):
+            await done.wait()
+
+    server, pool = await serve(handle, {"timeout": 0.2})
+
+    async def body():
+        for _ in range(total // 65536):
+            yield b"e" * 65536
+
+    response = await pool.request("PUT", "/", [("Host", "up"), ("Content-Length", str(total))],
+                                  body())
+    assert (response.status, await read_all(response)) == (413, b"big")
+    await asyncio.sleep(0.4)  # past the send timeout: nothing breaks
+    assert response.at_eof
+    response.release()
+    done.set()
+    assert pool.open_count == 0
+
+
 async def test_connection_refused(serve):
     port = free_port()  # nothing listens there
     pool = UpstreamPool(f"http://127.0.0.1:{port}", connect_timeout=2, timeout=2)
@@ -925,18 +1394,18 @@ async def test_control_characters_in_a_header_value_are_invalid(serve, value):
 async def test_whole_small_responses_are_byte_identical_to_the_streamed_path(
     serve, make_proxy, upstream_bytes, monkeypatch
 ):
-    # A GET whose whole response arrived with its head goes out as one precomputed
-    # write; a request with a body takes aiohttp's StreamResponse path. Both must
-    # send the same bytes (the Date value aside).
+    # A response that arrived whole with its head goes out as one precomputed write;
+    # otherwise it is streamed. Both must send the same bytes (the Date value aside).
     import re
 
     from conftest import raw_response
 
-    import corsproxy.server
+    import corsproxy.httpserver
+    import corsproxy.upstream
 
     taken = []
-    whole = corsproxy.server._whole_response
-    monkeypatch.setattr(corsproxy.server, "_whole_response",
+    whole = corsproxy.httpserver.Response.whole
+    monkeypatch.setattr(corsproxy.httpserver.Response, "whole",
                         lambda *args: taken.append(1) or whole(*args))
     server, _ = await serve(repeat_handler(upstream_bytes))
     proxy = await make_proxy(
@@ -945,14 +1414,15 @@ async def test_whole_small_responses_are_byte_identical_to_the_streamed_path(
         upstream_url=server.url,
     )
     origin = b"Origin: https://app.example.com\r\n"
-    fast = await raw_response(proxy.port, b"GET /x HTTP/1.1\r\nHost: h\r\n" + origin + b"\r\n")
-    streamed = await raw_response(
-        proxy.port, b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\n" + origin + b"\r\nb"
-    )
+    request = b"GET /x HTTP/1.1\r\nHost: h\r\n" + origin + b"\r\n"
+    fast = await raw_response(proxy.port, request)
+    monkeypatch.setattr(corsproxy.upstream.UpstreamResponse, "complete",
+                        property(lambda self: False))
+    streamed = await raw_response(proxy.port, request)
 
     def normal(data: bytes) -> bytes:
         return re.sub(rb"\r\nDate: [^\r]*GMT(?=\r\n)", b"\r\nDate: -", data)
 
     assert normal(fast) == normal(streamed)
-    assert taken == [1]  # the GET took the fast path, the POST did not
+    assert taken == [1]  # the first took the one-write path, the second did not
     assert b"\r\nAccess-Control-Allow-Origin: https://app.example.com\r\n" in fast

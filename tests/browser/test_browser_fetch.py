@@ -316,7 +316,7 @@ def test_two_acao_lines_from_the_upstream_are_replaced_so_fetch_succeeds(
             True,
             marks=pytest.mark.xfail(
                 strict=True,
-                reason="the preflight approves 'patch', but aiohttp's C HTTP parser (llhttp) "
+                reason="the preflight approves 'patch', but the proxy's HTTP parser (llhttp) "
                 "answers the actual 'patch' request itself with 400 'Invalid method "
                 "encountered' and no CORS headers; reported to the proxy/config engineers",
             ),
