@@ -57,6 +57,7 @@ from typing import Any, Protocol
 
 import httptools
 
+from ._sockets import unsent_bytes
 from ._wire import date_line, reason_phrase
 
 __all__ = [
@@ -129,6 +130,7 @@ class Request:
         "conn",
         "started",
         "checked_target",
+        "refusal",
     )
 
     def __init__(self, conn: Connection, method: str, target: str, version: str,
@@ -149,6 +151,8 @@ class Request:
         self.started = time.perf_counter()  # uvloop's loop.time() has 1 ms steps
         #: The origin-form target the application checked and will forward.
         self.checked_target: str | None = None
+        #: (status, message) when the server refuses it (answered in its turn).
+        self.refusal: tuple[int, str] | None = None
 
     def get(self, lower_name: str) -> str | None:
         for name, value in self.headers:
@@ -556,12 +560,14 @@ class Connection(asyncio.Protocol):
         content_length: int | None = None
         chunked = False
         expect: str | None = None
+        codings: list[str] = []
         for name, value in headers:
             key = name.lower()
             if key == "content-length":
                 content_length = int(value)  # llhttp checked it: digits, one value
             elif key == "transfer-encoding":
                 chunked = True
+                codings += (c.strip(" \t").lower() for c in value.split(","))
             elif key == "expect":
                 expect = value
         has_body = chunked or bool(content_length)
@@ -574,6 +580,19 @@ class Connection(asyncio.Protocol):
             self.must_close = True
             self._refuse(request, 400, "Transfer-Encoding in an HTTP/1.0 request is not "
                                        "allowed (RFC 9112 §6.1); send Content-Length")
+            raise _Stop
+        if chunked and (codings[-1] != "chunked" or "" in codings):
+            # RFC 9112 §6.3: the body's length can't be known; 400 and close. (Checked
+            # here, before the request is handed on: llhttp says so only afterwards.)
+            self.must_close = True
+            self._refuse(request, 400, "Transfer-Encoding must end in chunked; send the body "
+                                       "chunked or with Content-Length")
+            raise _Stop
+        if chunked and len(codings) > 1:
+            # RFC 9112 §6.1: a transfer coding the server does not understand: 501.
+            self.must_close = True
+            self._refuse(request, 501, f"transfer coding {codings[0]!r} is not supported; "
+                                       f"send the body with Transfer-Encoding: chunked only")
             raise _Stop
         if expect is not None and has_body and version == "1.1" \
                 and expect.lower() == "100-continue":
@@ -601,6 +620,9 @@ class Connection(asyncio.Protocol):
     # -- requests -------------------------------------------------------------------------
 
     def _dispatch(self, request: Request) -> None:
+        if request.refusal is not None:
+            self._refuse(request, *request.refusal, in_turn=True)
+            return
         try:
             data = self.app.fast(request)
         except Exception:  # pragma: no cover - a bug: serve() answers (with its 502)
@@ -693,7 +715,15 @@ class Connection(asyncio.Protocol):
         self.state = _IDLE
         self._set_timer("keepalive", self.limits.keepalive_timeout)
 
-    def _refuse(self, request: Request, status: int, message: str) -> None:
+    def _refuse(self, request: Request, status: int, message: str,
+                in_turn: bool = False) -> None:
+        """Answer ``request`` with an error the application renders, then close; in
+        its turn when earlier pipelined requests are still being answered."""
+        self._pause_reading("refused")  # nothing after it is read
+        if not in_turn and (self._task is not None or self._queue):
+            request.refusal = (status, message)
+            self._queue.append(request)
+            return
         try:
             data = self.app.refuse(request, status, message)
         except Exception:  # pragma: no cover - a bug: still an answer
@@ -706,6 +736,12 @@ class Connection(asyncio.Protocol):
     def _refuse_head(self, status: int, message: str) -> None:
         """Answer before a request exists (431, 505, 400 from the parser, 408)."""
         self.app.log_refusal(self.remote, status, message)
+        if self._task is not None or self._queue:
+            # Earlier pipelined requests are still being answered: finish those, then
+            # close without answering this one (its bytes can't be trusted).
+            self.must_close = True
+            self._pause_reading("refused")
+            return
         self.must_close = True
         self.state = _BUSY
         self._write(_plain(status, message, close=True))
@@ -752,14 +788,29 @@ class Connection(asyncio.Protocol):
         if waiter is None:
             waiter = self._drain_waiter = self.loop.create_future()
         timeout = self.limits.send_timeout
-        try:
-            async with asyncio.timeout(timeout):
-                await asyncio.shield(waiter)
-        except TimeoutError:
-            self.abort()
-            raise ClientError(
-                f"the client read none of the response for {timeout:g} s (listen.send_timeout)"
-            ) from None
+        transport = self.transport
+        assert transport is not None
+        while True:
+            # send_timeout bounds each stretch without progress (as nginx's does), not
+            # the whole response: a slow but steady reader is never cut.
+            before = unsent_bytes(transport)
+            if before is None:
+                before = transport.get_write_buffer_size()
+            try:
+                async with asyncio.timeout(timeout):
+                    await asyncio.shield(waiter)
+                return
+            except TimeoutError:
+                after = unsent_bytes(transport)
+                if after is None:
+                    after = transport.get_write_buffer_size()
+                if self.state != _CLOSED and after < before:
+                    continue
+                self.abort()
+                raise ClientError(
+                    f"the client read none of the response for {timeout:g} s "
+                    f"(listen.send_timeout)"
+                ) from None
 
     # -- reading and timers ------------------------------------------------------------------
 

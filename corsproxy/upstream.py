@@ -108,14 +108,7 @@ from collections.abc import AsyncIterable, Sequence
 import httptools
 from yarl import URL
 
-try:  # the socket's send queue (SIOCOUTQ is TIOCOUTQ): Linux only
-    import fcntl
-    import sys
-    import termios
-
-    _OUTQ: int | None = termios.TIOCOUTQ if sys.platform.startswith("linux") else None
-except ImportError:  # pragma: no cover
-    _OUTQ = None
+from ._sockets import unsent_bytes
 
 __all__ = [
     "BodyError",
@@ -815,17 +808,9 @@ class _Connection(asyncio.Protocol):
         """Bytes written that the upstream has not acknowledged yet: the transport's
         buffer plus the socket's send queue. None where the latter can't be known
         (not Linux): then only the buffer draining counts as progress."""
-        transport = self.transport
-        if _OUTQ is None or transport is None or self.closed:
+        if self.closed:
             return None
-        sock = transport.get_extra_info("socket")
-        if sock is None:
-            return None
-        try:
-            queued = fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0")
-        except (OSError, ValueError):
-            return None
-        return transport.get_write_buffer_size() + int.from_bytes(queued, sys.byteorder)
+        return unsent_bytes(self.transport)
 
     def _release(self) -> None:
         self.response = None
