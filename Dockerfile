@@ -7,6 +7,9 @@
 # The policy is read from /etc/corsproxy/config.yaml (CORSPROXY_CONFIG); mount yours
 # there. Arguments after the image name replace CMD and go to the `corsproxy` command,
 # e.g. `docker run ... corsproxy check` or `... corsproxy run --host 0.0.0.0 --upstream URL`.
+# On SIGTERM in-flight requests get listen.shutdown_grace (default 10 s), then are cut, and
+# the process exits 0 within about a second more: stop it with `docker stop --time 15`
+# (Docker's default of 10 s would SIGKILL it at the end of the grace), or set the grace lower.
 # tests/test_packaging.py lints this file with hadolint and performs its install and
 # start-up steps in a fresh virtualenv (no Docker engine runs in CI).
 FROM python:3.11-slim-bookworm

@@ -139,7 +139,9 @@ class Recorded:
         return [n for n, _ in self.headers]
 
 
-_REPLY_STRIP = "test_strip"
+# Headers to take out of a response again, by id(response) (no aiohttp response key
+# type across the aiohttp versions the project supports).
+_REPLY_STRIP: dict[int, tuple[str, ...]] = {}
 
 
 class RecordingUpstream:
@@ -185,7 +187,7 @@ class RecordingUpstream:
 
     @staticmethod
     async def _strip(request: web.BaseRequest, response: web.StreamResponse) -> None:
-        for name in response.get(_REPLY_STRIP, ()):
+        for name in _REPLY_STRIP.pop(id(response), ()):
             response.headers.popall(name, None)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
@@ -228,11 +230,11 @@ class RecordingUpstream:
         if reply.chunks is None and reply.reset_after is None:
             response = web.Response(status=reply.status, body=reply.body)
             response.headers.extend(reply.headers)
-            response[_REPLY_STRIP] = reply.strip
+            _REPLY_STRIP[id(response)] = reply.strip
             return response
         response = web.StreamResponse(status=reply.status)
         response.headers.extend(reply.headers)
-        response[_REPLY_STRIP] = reply.strip
+        _REPLY_STRIP[id(response)] = reply.strip
         await response.prepare(request)
         if reply.reset_after is not None:
             await response.write(reply.body[: reply.reset_after])

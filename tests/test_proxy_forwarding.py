@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import io
 import json
 
 import aiohttp
@@ -519,7 +520,7 @@ async def test_an_early_upstream_answer_before_the_body_is_read_reaches_the_clie
     up = await raw_upstream(refuse)
     proxy = await make_proxy(cors=POLICY, upstream_url=up.url)
     result = await http.request(
-        "PUT", proxy.url + "/upload", {"Origin": APP}, data=b"u" * (4 * MIB)
+        "PUT", proxy.url + "/upload", {"Origin": APP}, data=io.BytesIO(b"u" * (4 * MIB))
     )
     assert result.status == 401
     assert result.body == b"sign in"

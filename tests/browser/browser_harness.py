@@ -84,6 +84,8 @@ class LoopThread:
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+        if not self.thread.is_alive():
+            self.loop.close()  # else its sockets are left to the GC (a ResourceWarning)
 
 
 # -- servers -------------------------------------------------------------------
