@@ -41,6 +41,9 @@ _EXAMPLES = {
     "max_age": "max_age: 600",
     "allow_private_network": "allow_private_network: false",
     "enforce": "enforce: false",
+    "check_websocket_origin": "check_websocket_origin: true",
+    "read_timeout": "read_timeout: 60",
+    "idle_timeout": "idle_timeout: 30",
     "path": "path: /api",
 }
 
@@ -52,6 +55,7 @@ _RANGE_HINTS = {
     "workers": "processes; auto or 0 means one per CPU core",
     "connect_timeout": "seconds; fractions like 0.5 are fine",
     "timeout": "seconds; fractions like 0.5 are fine",
+    "read_timeout": "seconds; null means no limit",
     "max_age": "seconds a browser may cache the preflight answer; 0 disables caching",
 }
 

@@ -155,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST",
         help="the Host header (used for the same-origin test under enforce)",
     )
+    p.add_argument(
+        "--websocket",
+        action="store_true",
+        help="make it a WebSocket handshake (GET with Upgrade: websocket): shows the origin "
+        "check on handshakes",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser(
@@ -242,13 +248,19 @@ def _policy_lines(s: CorsSettings, base: CorsSettings | None = None) -> list[str
             if s.enforce
             else "false (other origins are forwarded, without CORS headers)",
         ),
+        (
+            "check_websocket_origin",
+            "true (WebSocket handshakes from other origins get 403)"
+            if s.check_websocket_origin
+            else "false (WebSocket handshakes from any page are forwarded)",
+        ),
     ]
     lines = []
     for name, text in rows:
         mark = ""
         if base is not None and getattr(s, name) != getattr(base, name):
             mark = "   <- set by this route"
-        lines.append(f"  {name + ':':<23}{text}{mark}")
+        lines.append(f"  {name + ':':<24}{text}{mark}")
     return lines
 
 
@@ -257,6 +269,10 @@ def _workers_note(workers: int) -> str:
     if workers == 1:
         return ""
     return ", workers: auto (one per CPU core)" if workers == 0 else f", workers: {workers}"
+
+
+def _seconds(value: float | None) -> str:
+    return "no limit" if value is None else f"{value:g} s"
 
 
 def _summary(config: Config) -> str:
@@ -269,7 +285,8 @@ def _summary(config: Config) -> str:
         f"listen:   {listen.host}:{listen.port}  (max_body_size: {body}, shutdown_grace: "
         f"{listen.shutdown_grace:g} s{_workers_note(listen.workers)})",
         f"upstream: {url}  (connect_timeout: {up.connect_timeout:g} s, timeout: "
-        f"{up.timeout:g} s, preserve_host: {str(up.preserve_host).lower()})",
+        f"{up.timeout:g} s, read_timeout: {_seconds(up.read_timeout)}, preserve_host: "
+        f"{str(up.preserve_host).lower()})",
         "",
         "cors (every path not under a route):",
         *_policy_lines(config.cors),
@@ -281,6 +298,12 @@ def _summary(config: Config) -> str:
             f"below, longest route wins):",
             *_policy_lines(route.cors, config.cors),
         ]
+        own = route.upstream
+        if own is not None and (own.timeout is not None or own.read_timeout_set):
+            timeout = _seconds(own.timeout if own.timeout is not None else up.timeout)
+            read = _seconds(own.read_timeout if own.read_timeout_set else up.read_timeout)
+            out.append(f"  upstream timeouts:      timeout: {timeout}, read_timeout: {read}"
+                       f"   <- set by this route")
     n = len(config.warnings)
     out += ["", f"{1 + len(config.routes)} policies, {n} warning{'s' if n != 1 else ''}"]
     return "\n".join(out)
@@ -300,6 +323,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _request_view(args: argparse.Namespace) -> RequestView:
+    if args.websocket and (args.request_method is not None or args.method not in (None, "GET")):
+        raise UsageError("corsproxy explain: --websocket is a GET handshake; leave out "
+                         "--request-method and --method")
     method = args.method or ("OPTIONS" if args.request_method is not None else "GET")
     path = args.path.split("?", 1)[0].split("#", 1)[0]
     if not path.startswith("/"):
@@ -312,6 +338,7 @@ def _request_view(args: argparse.Namespace) -> RequestView:
         request_headers=(args.request_headers,) if args.request_headers is not None else (),
         request_private_network="true" if args.request_private_network else None,
         host=args.host,
+        websocket=args.websocket,
     )
 
 
@@ -340,6 +367,8 @@ def explain_json(config: Config, req: RequestView, decision: Decision) -> dict[s
         )
     if req.host is not None:
         request_headers.append(["Host", req.host])
+    if req.websocket:
+        request_headers += [["Connection", "Upgrade"], ["Upgrade", "websocket"]]
     return {
         "config": config.source,
         "request": {"method": req.method, "path": req.path, "headers": request_headers},
@@ -381,6 +410,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         lines.append("          Access-Control-Request-Private-Network: true")
     if req.host is not None:
         lines.append(f"          Host: {req.host}")
+    if req.websocket:
+        lines += ["          Connection: Upgrade", "          Upgrade: websocket"]
     lines += [
         f"kind:     {decision.kind.value}",
         f"route:    {_route_label(config, decision.route)}",

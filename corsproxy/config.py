@@ -141,6 +141,25 @@ class UpstreamConfig:
     preserve_host: bool = False
     max_connections: int = 1024
     idle_timeout: float = 30.0
+    read_timeout: float | None = 60.0
+
+
+@dataclass(frozen=True)
+class UpstreamTimeouts:
+    """A route's own upstream timeouts (``routes[].upstream``); None in a field
+    means "inherit", except ``read_timeout`` whose None is "no limit" once set
+    (``read_timeout_set`` says whether the route wrote it)."""
+
+    timeout: float | None = None
+    read_timeout: float | None = None
+    read_timeout_set: bool = False
+
+
+@dataclass(frozen=True)
+class WebSocketConfig:
+    """``websocket``: ``idle_timeout`` seconds of silence both ways close a tunnel."""
+
+    idle_timeout: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -150,6 +169,7 @@ class RouteConfig:
 
     path: str
     cors: CorsSettings
+    upstream: UpstreamTimeouts | None = None
 
 
 @dataclass(frozen=True)
@@ -167,6 +187,7 @@ class Config:
     routes: tuple[RouteConfig, ...]
     router: Router
     warnings: tuple[str, ...] = ()
+    websocket: WebSocketConfig = WebSocketConfig()
 
 
 class ConfigError(Exception):
@@ -322,6 +343,38 @@ class UpstreamModel(BaseModel):
         30.0, gt=0, allow_inf_nan=False,
         description="Seconds an idle pooled upstream connection is kept.",
     )
+    read_timeout: float | None = Field(
+        60.0, gt=0, allow_inf_nan=False,
+        description="Longest silence between two pieces of a response body, in seconds; "
+        "null: no limit (Server-Sent Events, long polls).",
+    )
+
+
+class RouteUpstreamModel(BaseModel):
+    """A route's own upstream timeouts (the URL stays the top-level one)."""
+
+    model_config = _STRICT
+
+    timeout: float | None = Field(
+        None, gt=0, allow_inf_nan=False,
+        description="Seconds until the response headers (default: inherited).",
+    )
+    read_timeout: float | None = Field(
+        None, gt=0, allow_inf_nan=False,
+        description="Longest silence between two body pieces; null: no limit (default: "
+        "inherited).",
+    )
+
+
+class WebSocketModel(BaseModel):
+    """WebSocket tunnels."""
+
+    model_config = _STRICT
+
+    idle_timeout: float = Field(
+        300.0, gt=0, allow_inf_nan=False,
+        description="Seconds of silence in both directions after which a tunnel is closed.",
+    )
 
 
 class CorsModel(BaseModel):
@@ -378,6 +431,11 @@ class CorsModel(BaseModel):
         description="Answer 403 to cross-origin requests from origins that are not allowed, "
         "instead of forwarding them without CORS headers.",
     )
+    check_websocket_origin: bool = Field(
+        True,
+        description="Answer 403 to WebSocket handshakes from cross-origin pages whose origin "
+        "is not allowed (browsers enforce nothing on WebSockets); false forwards them.",
+    )
 
 
 def _route_cors_schema(schema: dict[str, Any]) -> None:
@@ -410,6 +468,11 @@ class RouteModel(BaseModel):
         default_factory=RouteCorsModel,
         description="Overrides of the top-level cors keys for this path.",
     )
+    upstream: RouteUpstreamModel | None = Field(
+        None,
+        description="This path's own upstream timeouts (timeout, read_timeout); the URL "
+        "stays the top-level one.",
+    )
 
 
 class ConfigModel(BaseModel):
@@ -435,6 +498,10 @@ class ConfigModel(BaseModel):
         list[RouteModel],
         BeforeValidator(_none_is_empty_list, json_schema_input_type=list[RouteModel] | None),
     ] = Field(default=[], description="Per-path CORS overrides; the longest matching path wins.")
+    websocket: Annotated[
+        WebSocketModel,
+        BeforeValidator(_none_is_empty, json_schema_input_type=WebSocketModel | None),
+    ] = Field(default_factory=WebSocketModel, description="WebSocket tunnels.")
 
 
 def config_json_schema() -> dict[str, Any]:
@@ -456,6 +523,10 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
             model = RouteModel
         elif part == "cors":
             model = RouteCorsModel if model is RouteModel else CorsModel
+        elif part == "upstream" and model is RouteModel:
+            model = RouteUpstreamModel
+        elif part == "websocket":
+            model = WebSocketModel
         elif part in ("listen", "upstream"):
             model = ListenModel if part == "listen" else UpstreamModel
         else:
@@ -617,6 +688,16 @@ def _policy_warnings(
                     f"use one of those",
                 )
             )
+    if written.get("check_websocket_origin") is False:
+        out.append(
+            (
+                (*where, "check_websocket_origin"),
+                "false: WebSocket handshakes from any web page are forwarded, and browsers "
+                "enforce nothing on WebSockets, so any site can open a socket with your users' "
+                "cookies (cross-site WebSocket hijacking); remove it unless the upstream "
+                "checks Origin itself",
+            )
+        )
     wrote_origins = "allow_origins" in written or "allow_origin_regex" in written
     if (top or wrote_origins) and not merged["allow_origins"] and not merged["allow_origin_regex"]:
         out.append(
@@ -641,6 +722,20 @@ def _settings(values: dict[str, Any]) -> CorsSettings:
         max_age=values["max_age"],
         allow_private_network=values["allow_private_network"],
         enforce=values["enforce"],
+        check_websocket_origin=values["check_websocket_origin"],
+    )
+
+
+def _route_timeouts(model: RouteUpstreamModel | None) -> UpstreamTimeouts | None:
+    if model is None:
+        return None
+
+    def seconds(value: float | None) -> float | None:
+        return None if value is None else float(value)
+
+    return UpstreamTimeouts(
+        seconds(model.timeout), seconds(model.read_timeout),
+        "read_timeout" in model.model_fields_set,
     )
 
 
@@ -716,7 +811,8 @@ def parse_config(
         raise ConfigError(
             [
                 f"{source}: top level: expected a mapping of sections (listen, upstream, cors, "
-                f"routes), got {_describe(raw)}; see config/development.yaml for an example"
+                f"routes, websocket), got {_describe(raw)}; see config/development.yaml for an "
+                f"example"
             ]
         )
     errors: list[tuple[Loc, str]] = list(doc.duplicates)
@@ -785,7 +881,7 @@ def parse_config(
 
     cors = _settings(top_merged)
     routes = tuple(
-        RouteConfig(path=r.path, cors=_settings(m))
+        RouteConfig(path=r.path, cors=_settings(m), upstream=_route_timeouts(r.upstream))
         for r, m in zip(model.routes, merged_routes, strict=True)
     )
     router = Router(CorsPolicy(cors), [(r.path, CorsPolicy(r.cors)) for r in routes])
@@ -800,7 +896,9 @@ def parse_config(
         upstream=UpstreamConfig(
             um.url, float(um.connect_timeout), float(um.timeout), um.preserve_host,
             um.max_connections, float(um.idle_timeout),
+            None if um.read_timeout is None else float(um.read_timeout),
         ),
+        websocket=WebSocketConfig(float(model.websocket.idle_timeout)),
         cors=cors,
         routes=routes,
         router=router,

@@ -15,6 +15,13 @@ Three kinds of request (Fetch §3.2.2, "CORS-preflight request"):
   Answered here, never forwarded: 200 when allowed, 400 when not.
 - ``actual``: any other request carrying ``Origin``.
 - ``not-cors``: no ``Origin`` at all. Forwarded untouched, but still ``Vary: Origin``.
+
+And a fourth that CORS does not cover: ``websocket``, a WebSocket handshake. Browsers
+send ``Origin`` on it but enforce nothing on the answer, so a page on any site could
+open a socket with the user's cookies (cross-site WebSocket hijacking). With
+``check_websocket_origin`` (on by default) a handshake from an origin the policy
+does not allow, that is not the proxy's own, is answered 403 and never forwarded,
+whatever ``enforce`` says; a handshake without ``Origin`` (not a browser) passes.
 """
 
 from __future__ import annotations
@@ -200,6 +207,7 @@ class CorsSettings:
     max_age: int = 600
     allow_private_network: bool = False
     enforce: bool = False
+    check_websocket_origin: bool = True
 
 
 class Kind(StrEnum):
@@ -208,6 +216,7 @@ class Kind(StrEnum):
     PREFLIGHT = "preflight"
     ACTUAL = "actual"
     NOT_CORS = "not-cors"
+    WEBSOCKET = "websocket"
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,7 +226,8 @@ class RequestView:
     ``origin`` and ``request_headers`` hold every header line (a request with two
     Origin lines is refused). ``path`` is the raw, still percent-encoded path
     without the query. ``host``/``scheme`` are the listener's view, used for the
-    same-origin test under ``enforce``.
+    same-origin test under ``enforce`` and on WebSocket handshakes. ``websocket``:
+    the request is a WebSocket handshake (``Upgrade: websocket``).
     """
 
     method: str
@@ -228,6 +238,7 @@ class RequestView:
     request_private_network: str | None = None
     host: str | None = None
     scheme: str = "http"
+    websocket: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -499,6 +510,36 @@ class CorsPolicy:
             route,
         )
 
+    def websocket(self, req: RequestView, route: str | None) -> Decision:
+        """Decide a WebSocket handshake (see the module docstring). An allowed one
+        carries the headers an actual request would get, for the case where the
+        upstream answers with an ordinary response instead of 101."""
+        if not req.origin:
+            return Decision(
+                Kind.WEBSOCKET, True, None, (), ACTUAL_VARY,
+                ("no Origin header: not a browser, so the handshake is forwarded",), (), route,
+            )
+        decision = self.actual(req, route)
+        if decision.allowed:
+            return Decision(
+                Kind.WEBSOCKET, True, None, decision.headers, ACTUAL_VARY, decision.reasons, (),
+                route,
+            )
+        if not self.settings.check_websocket_origin:
+            reason = (decision.reasons[0] + "; forwarded because check_websocket_origin is false")
+            return Decision(Kind.WEBSOCKET, False, None, (), ACTUAL_VARY, (reason,), ("origin",),
+                            route)
+        origin = ", ".join(req.origin)
+        where = f"routes[path={route}].cors" if route is not None else "cors"
+        body = (
+            f"Forbidden: WebSocket handshake from origin {_show(origin)} refused by corsproxy.\n"
+            f"{decision.reasons[0]}\n"
+            f"To allow it, add the origin to {where}.allow_origins in the proxy's config "
+            f"(or turn the check off with {where}.check_websocket_origin: false).\n"
+        )
+        return Decision(Kind.WEBSOCKET, False, 403, (), ACTUAL_VARY, decision.reasons,
+                        ("origin",), route, body)
+
     def _refused(self, req: RequestView, route: str | None, reason: str, origin: str) -> Decision:
         if not self.settings.enforce:
             return Decision(
@@ -560,6 +601,9 @@ class Router:
 
     def decide(self, req: RequestView) -> Decision:
         """The decision for one request. Never raises on any header values."""
+        if req.websocket:
+            route, policy = self.select(req.path) if self.routes else (None, self.default)
+            return policy.websocket(req, route)
         if not req.origin:
             route, _ = self.select(req.path) if self.routes else (None, None)
             return Decision(

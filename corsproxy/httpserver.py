@@ -351,6 +351,20 @@ class Response:
         """Cut the connection: the client sees an incomplete response."""
         self.conn.abort()
 
+    def switch(self, head: bytes, tunnel: Any) -> bytes:
+        """Send a ``101 Switching Protocols`` head (status line and headers ending in
+        the blank line) and make the connection ``tunnel``'s; returns the bytes the
+        client sent after its request head."""
+        conn = self.conn
+        self.status = 101
+        self.started = self.finished = True
+        conn.must_close = True
+        conn._cancel_timer()
+        conn._write(head)
+        conn.tunnel = tunnel
+        tail, conn.upgrade_tail = conn.upgrade_tail, b""
+        return tail
+
 
 # Connection states.
 _NEW, _BUSY, _IDLE, _CLOSED = range(4)
@@ -386,6 +400,8 @@ class Connection(asyncio.Protocol):
         "_drain_waiter",
         "_linger",
         "_got_bytes",
+        "tunnel",
+        "upgrade_tail",
     )
 
     def __init__(self, server: HttpServer) -> None:
@@ -415,6 +431,10 @@ class Connection(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._linger = False
         self._got_bytes = False
+        #: A :class:`corsproxy.websocket.Tunnel` once the connection is one.
+        self.tunnel: Any = None
+        #: Bytes that came after an upgrade request's head (the first tunnel bytes).
+        self.upgrade_tail = b""
 
     # -- asyncio.Protocol ---------------------------------------------------------------
 
@@ -432,6 +452,10 @@ class Connection(asyncio.Protocol):
         self._set_timer("header", self.limits.header_timeout)
 
     def data_received(self, data: bytes) -> None:
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.from_client(data)
+            return
         if self.state == _CLOSED:
             return
         if self._linger:
@@ -447,11 +471,14 @@ class Connection(asyncio.Protocol):
             self._start += data[:_START]
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade as exc:
             # A complete request asking for another protocol (or CONNECT): it was
-            # handed on in on_message_complete; nothing after it is read.
+            # handed on already; what follows its head belongs to the new protocol
+            # (kept for a WebSocket tunnel) and nothing more is parsed.
             self.must_close = True
             self._pause_reading("upgrade")
+            offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
+            self.upgrade_tail = data[offset:]
             return
         except httptools.HttpParserError as exc:
             self._parse_error(exc)
@@ -468,6 +495,8 @@ class Connection(asyncio.Protocol):
                                        f"({self.limits.max_header_size} bytes)")
 
     def eof_received(self) -> bool:
+        if self.tunnel is not None:
+            return self.tunnel.client_eof()
         current = self._current
         if current is not None and not current.body.complete:
             current.body._fail("the client closed the connection before the body's end")
@@ -487,8 +516,11 @@ class Connection(asyncio.Protocol):
             current.body._fail("the client closed the connection before the body's end")
         for request in self._queue:
             request.body._fail("the client closed the connection")
+        if self.tunnel is not None:
+            self.tunnel.lost("client")
         task = self._task
-        if task is not None and not task.done() and not self.server.closing:
+        if (task is not None and not task.done() and not self.server.closing
+                and self.tunnel is None):
             task.cancel()  # nobody is left to answer: stop the upstream exchange too
         waiter = self._drain_waiter
         if waiter is not None:
@@ -502,9 +534,13 @@ class Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        if self.tunnel is not None:
+            self.tunnel.upstream_reading(False)
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self.tunnel is not None:
+            self.tunnel.upstream_reading(True)
         waiter = self._drain_waiter
         if waiter is not None:
             self._drain_waiter = None

@@ -95,8 +95,9 @@ def access_line(log_format: str, fields: dict[str, Any]) -> str:
         _text_value(fields["path"]),
         str(fields["status"] or "-"),
     ]
-    for key in ("origin", "cors", "route", "upstream_ms", "ms", "error", "reason"):
-        value = fields[key]
+    for key in ("origin", "cors", "route", "upstream_ms", "ms", "up_bytes", "down_bytes",
+                "closed_by", "error", "reason"):
+        value = fields.get(key)
         if value is not None:
             parts.append(f"{key}={value}" if isinstance(value, int | float) else
                          f"{key}={_text_value(value)}")

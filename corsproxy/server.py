@@ -84,6 +84,7 @@ from .upstream import (
     UpstreamPool,
     UpstreamResponse,
 )
+from .websocket import Tunnel, is_handshake
 
 if TYPE_CHECKING:
     from .config import Config
@@ -156,15 +157,16 @@ _PREFLIGHT_KEY_MAX = 1024
 class _Log:
     """What the access line says about one request."""
 
-    __slots__ = ("upstream_ms", "error", "status")
+    __slots__ = ("upstream_ms", "error", "status", "tunnel")
 
     def __init__(self) -> None:
         self.upstream_ms: float | None = None
         self.error: str | None = None
         self.status: int | None = None
+        self.tunnel: Tunnel | None = None
 
 
-def _request_view(request: Request, path: str) -> RequestView:
+def _request_view(request: Request, path: str, websocket: bool = False) -> RequestView:
     acrm = request.get_all("access-control-request-method")
     return RequestView(
         method=request.method,
@@ -176,6 +178,7 @@ def _request_view(request: Request, path: str) -> RequestView:
         request_private_network=request.get("access-control-request-private-network"),
         host=request.get("host"),
         scheme=request.scheme,
+        websocket=websocket,
     )
 
 
@@ -199,6 +202,21 @@ class Proxy:
         self.max_body_size = config.listen.max_body_size
         self.connect_timeout = config.upstream.connect_timeout
         self.timeout = config.upstream.timeout
+        self.read_timeout = config.upstream.read_timeout
+        self.ws_idle_timeout = config.websocket.idle_timeout
+        #: Per-route upstream timeouts (pool.request keywords) by route path as written.
+        self.route_timeouts: dict[str | None, dict[str, float | None]] = {}
+        for route in config.routes:
+            own = route.upstream
+            if own is None:
+                continue
+            kwargs: dict[str, float | None] = {}
+            if own.timeout is not None:
+                kwargs["timeout"] = own.timeout
+            if own.read_timeout_set:
+                kwargs["read_timeout"] = own.read_timeout
+            if kwargs:
+                self.route_timeouts[route.path] = kwargs
         self.log_format = log_format
         self.pool: UpstreamPool | None = None
         #: Where access lines go: the ``corsproxy.access`` logger, or a batching
@@ -214,6 +232,7 @@ class Proxy:
             self.target.url,
             connect_timeout=upstream.connect_timeout,
             timeout=upstream.timeout,
+            read_timeout=upstream.read_timeout,
             max_connections=upstream.max_connections,
             idle_timeout=upstream.idle_timeout,
         )
@@ -284,7 +303,8 @@ class Proxy:
         entry = _Log()
         decision: Decision | None = None
         try:
-            decision = self.router.decide(_request_view(request, path))
+            websocket = request.upgrade and is_handshake(request)
+            decision = self.router.decide(_request_view(request, path, websocket))
             if decision.status is not None:
                 entry.status = decision.status
                 response.whole(
@@ -293,7 +313,9 @@ class Proxy:
             else:
                 await self._forward(request, response, decision, target, entry)
         except asyncio.CancelledError:
-            if self.closing:
+            if entry.tunnel is not None:
+                entry.tunnel.close("shutdown" if self.closing else "client")
+            elif self.closing:
                 entry.error = "cut off: still running when listen.shutdown_grace ended"
             else:
                 entry.error = "the client closed the connection before the response's end"
@@ -353,6 +375,13 @@ class Proxy:
             upstream_host=self.target.host,
             preserve_host=self.preserve_host,
         )
+        websocket = decision.kind is Kind.WEBSOCKET
+        if websocket:
+            # The hop-by-hop pair that asks the upstream to switch protocols goes on
+            # (the Sec-WebSocket-* headers passed as end-to-end ones).
+            headers.append(("Connection", "Upgrade"))
+            headers.extend(("Upgrade", v) for v in request.get_all("upgrade"))
+        timeouts = self.route_timeouts.get(decision.route)
         # The target goes upstream byte for byte (a fragment is never sent).
         path = self.target.base_path + target.partition("#")[0]
         body = _RequestBody(request, limit) if request.has_body else None
@@ -366,22 +395,56 @@ class Proxy:
                 headers,
                 body.chunks() if body is not None else None,
                 retry=body is None and request.method in _RETRY_METHODS,
+                upgrade=websocket,
+                **(timeouts or {}),
             )
         except UpstreamError as exc:
-            return self._upstream_error(response, decision, entry, body, exc)
+            return self._upstream_error(response, decision, entry, body, exc, timeouts)
         except ValueError as exc:
             return self._error(response, decision, entry, 400,
                                "the request can't be forwarded", str(exc))
         entry.upstream_ms = round((time.perf_counter() - sent) * 1000, 3)
+        if upstream.status == 101:
+            return await self._tunnel(request, response, decision, upstream, entry)
         try:
             await self._stream_back(request, response, decision, upstream, entry)
         finally:
             upstream.release()
 
+    async def _tunnel(self, request: Request, response: Response, decision: Decision,
+                      upstream: UpstreamResponse, entry: _Log) -> None:
+        """Relay the upstream's 101, then bytes both ways until the tunnel ends."""
+        entry.status = 101
+        pairs = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in upstream.raw_headers]
+        headers = response_headers(pairs, decision.headers, decision.vary)
+        headers.append(("Connection", "Upgrade"))
+        headers.extend((n, v) for n, v in pairs if n.lower() == "upgrade")
+        try:
+            head = render_head(101, upstream.reason or "Switching Protocols", headers)
+        except ValueError as exc:  # pragma: no cover - llhttp refuses such bytes already
+            upstream.close()
+            return self._error(response, decision, entry, 502,
+                               "the upstream sent an invalid HTTP response", str(exc))
+        try:
+            transport, upstream_tail = upstream.detach()
+        except UpstreamError as exc:  # the pool closed (shutdown) just before
+            upstream.release()
+            return self._error(response, decision, entry, 502,
+                               "the upstream connection closed before the tunnel began", str(exc))
+        client = request.conn.transport
+        assert client is not None
+        tunnel = Tunnel(client, transport, self.ws_idle_timeout)
+        entry.tunnel = tunnel
+        client_tail = response.switch(head + _CRLF, tunnel)
+        tunnel.start(client_tail, upstream_tail)
+        await tunnel.done
+
     def _upstream_error(self, response: Response, decision: Decision, entry: _Log,
-                        body: _RequestBody | None, exc: UpstreamError) -> None:
+                        body: _RequestBody | None, exc: UpstreamError,
+                        timeouts: dict[str, float | None] | None = None) -> None:
         """The proxy's answer when no upstream response came."""
         where = f"upstream {self.target.origin}: {exc}"
+        timeout = (timeouts or {}).get("timeout", self.timeout)
         if body is not None and body.too_large:
             return self._error(
                 response, decision, entry, 413,
@@ -409,13 +472,13 @@ class Proxy:
             return self._error(
                 response, decision, entry, 504,
                 f"the upstream sent no response headers within upstream.timeout "
-                f"({self.timeout:g} s)", where,
+                f"({timeout:g} s)", where,
             )
         if isinstance(exc, SendTimeout):
             return self._error(
                 response, decision, entry, 504,
                 f"the upstream accepted none of the request body for upstream.timeout "
-                f"({self.timeout:g} s)", where,
+                f"({timeout:g} s)", where,
             )
         if isinstance(exc, ConnectError):
             refused = getattr(exc.os_error, "errno", None) == errno.ECONNREFUSED
@@ -539,6 +602,11 @@ class Proxy:
             "error": entry.error,
             "reason": "; ".join(decision.reasons),
         }
+        tunnel = entry.tunnel
+        if tunnel is not None:
+            fields["up_bytes"] = tunnel.up_bytes
+            fields["down_bytes"] = tunnel.down_bytes
+            fields["closed_by"] = tunnel.closed_by
         self.write_access(access_line(self.log_format, fields))
 
 

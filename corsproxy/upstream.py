@@ -8,7 +8,8 @@ or changed in what the caller gives.
 
 Use::
 
-    pool = UpstreamPool("http://127.0.0.1:8000", connect_timeout=5, timeout=60)
+    pool = UpstreamPool("http://127.0.0.1:8000", connect_timeout=5, timeout=60,
+                        read_timeout=60)
     response = await pool.request("GET", "/items?x=1", [("Host", "..."), ...])
     try:
         while chunk := await response.read():
@@ -23,21 +24,26 @@ repeats), byte for byte: the head is encoded as latin-1, so a str carries raw by
 an async iterator of bytes, is sent as it comes with the transport's write
 back-pressure: with its own ``Content-Length`` when the headers carry one (the body
 must match it), otherwise chunked (``Transfer-Encoding: chunked`` is appended). A
-request without a body whose method normally has one gets ``Content-Length: 0``.
-When the upstream takes none of the body for ``timeout`` seconds (the write buffer
-stays full and, on Linux, the socket's send queue does not shrink) before it
-answers, the exchange fails with :class:`SendTimeout` and the connection is closed;
-the bound is per wait and any progress resets it, so a slow but moving upload is
-never cut. The wait for the response head (``timeout``, :class:`ResponseTimeout`)
-starts once the last body byte is handed to the socket, when up to a send buffer's
-worth of it may still be on its way.
+request without a body whose method normally has one gets ``Content-Length: 0`` (not
+an upgrade request: its head goes exactly as given). When the upstream takes none of
+the body for ``timeout`` seconds (the write buffer stays full and, on Linux, the
+socket's send queue does not shrink) before it answers, the exchange fails with
+:class:`SendTimeout` and the connection is closed; the bound is per wait and any
+progress resets it, so a slow but moving upload is never cut. The wait for the
+response head (``timeout``, :class:`ResponseTimeout`) starts once the last body byte
+is handed to the socket, when up to a send buffer's worth of it may still be on its
+way. Once the head is in, each silence between two pieces of the body is bounded by
+``read_timeout`` instead (:class:`BodyError`; None: no limit, for event streams and
+long polls). ``request(..., timeout=..., read_timeout=...)`` replaces the pool's
+values for one exchange (None too).
 
-Response: 1xx interim responses are skipped (101 is an error: no upgrades); HEAD,
-204 and 304 responses have no body whatever their headers say. Otherwise the body is
-framed as RFC 9112 §6.3 says: when ``Transfer-Encoding`` is present (the header may
-be repeated; its values are comma-separated codings, case-insensitive) the body is
-chunked if the last coding is ``chunked`` (extensions and trailers dropped), else it
-runs until the connection closes, whatever ``Content-Length`` says; without it,
+Response: 1xx interim responses are skipped (101 is an error, but for an upgrade
+request: below); HEAD, 204 and 304 responses have no body whatever their headers
+say. Otherwise the body is framed as RFC 9112 §6.3 says: when ``Transfer-Encoding``
+is present (the header may be repeated; its values are comma-separated codings,
+case-insensitive) the body is chunked if the last coding is ``chunked`` (extensions
+and trailers dropped), else it runs until the connection closes, whatever
+``Content-Length`` says; without it,
 ``Content-Length`` or, lacking that too, the connection closing. The body is handed
 on with the chunked coding removed and any other coding left in place:
 :attr:`UpstreamResponse.transfer_codings` names those (lower-cased, in order, e.g.
@@ -64,6 +70,20 @@ afterwards. Nothing is pipelined: bytes after the end of a response (after a HEA
 on an idle connection close it; only bare empty lines right after a complete
 non-HEAD response, which llhttp skips as RFC 9112 §2.2 allows, go unnoticed.
 
+Upgrades (WebSocket): ``request(..., upgrade=True)`` with the caller's own
+``Connection: upgrade`` and ``Upgrade: ...`` headers. A ``101 Switching Protocols``
+answer comes back as a response with ``status == 101`` and no body, the
+connection's reading paused right after the 101 head; anything else is an ordinary
+response. :meth:`UpstreamResponse.detach` then takes the connection out of the pool
+for good (no longer open, active or idle; its ``max_connections`` slot free; no
+timer of the pool's on it; :meth:`UpstreamPool.close` leaves it alone) and returns
+its transport, reading resumed, with the bytes that came after the 101 head (the
+tunnel's first, possibly in the same packet as the head): the caller sets its own
+protocol on the transport at once (``transport.set_protocol``, before awaiting
+anything) and owns it from then on. :meth:`UpstreamResponse.release` instead closes
+it. With a request body, the 101 must come after the body was sent whole, else it
+is an :class:`UpgradeResponse`.
+
 The pool: at most ``max_connections`` open connections (None: no limit); a request
 beyond it waits for a free one at most ``acquire_timeout`` seconds
 (:class:`PoolTimeout`). Idle connections are kept at most ``max_idle`` and
@@ -79,20 +99,27 @@ Errors (all raised by :meth:`UpstreamPool.request` unless said otherwise)::
      |                            (before answering); the connection is closed
      +-- ResponseTimeout          no response headers within timeout of the request being sent
      +-- Disconnected             the upstream closed the connection before a response
+     |                            (also from UpstreamResponse.detach(): the pool was closed)
      +-- ConnectionFailed         the connection broke before a response (reset...) (.os_error)
      +-- InvalidResponse          not a valid HTTP/1.x response (or headers too large,
      |    |                       or an ambiguous Transfer-Encoding)
-     |    +-- UpgradeResponse     101 Switching Protocols
+     |    +-- UpgradeResponse     101 Switching Protocols to a request without upgrade=True
+     |                            (or before its request body was sent whole)
      +-- RequestBodyError         reading the caller's body failed; __cause__ is the error
      +-- BodyError                raised by UpstreamResponse.read(): the response body
-                                  broke off (reset, truncated, invalid, timeout)
+                                  broke off (reset, truncated, invalid, or no byte for
+                                  read_timeout)
+
+UpstreamResponse.detach() raises RuntimeError for a response that is not a 101 or
+was already released or detached.
 
 A request without a body, with an idempotent method (GET, HEAD, OPTIONS, TRACE, PUT,
 DELETE: RFC 9110 §9.2.2) and ``retry=True``, that fails with ``Disconnected`` or
 ``ConnectionFailed`` on a reused pooled connection before any response byte is sent
 again once on a fresh connection: the upstream closed an idle keep-alive connection
-just as it was reused, the race every keep-alive pool has. Nothing else is ever sent
-twice (never a POST, never a request with a body).
+just as it was reused, the race every keep-alive pool has (an upgrade request
+too: a GET without a body). Nothing else is ever sent twice (never a POST, never a
+request with a body, never one that got a response byte back).
 """
 
 from __future__ import annotations
@@ -104,6 +131,7 @@ import re
 import ssl as _ssl
 from collections import deque
 from collections.abc import AsyncIterable, Sequence
+from typing import Any
 
 import httptools
 from yarl import URL
@@ -139,6 +167,8 @@ _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "CONNECT", "TRACE"})
 _RETRY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 #: The end of a message head: an empty line (llhttp takes a bare LF as a line end).
 _EMPTY_LINE = re.compile(rb"\n\r?\n")
+#: request()'s default for ``timeout`` and ``read_timeout``: the pool's value.
+_POOL: Any = object()
 
 
 class UpstreamError(Exception):
@@ -187,7 +217,8 @@ class InvalidResponse(UpstreamError):
 
 
 class UpgradeResponse(InvalidResponse):
-    """The upstream answered 101 Switching Protocols; upgrades are not proxied."""
+    """The upstream answered 101 Switching Protocols to a request that asked for no
+    upgrade (``upgrade=False``), or before the upgrade request's body was sent whole."""
 
 
 class RequestBodyError(UpstreamError):
@@ -195,7 +226,8 @@ class RequestBodyError(UpstreamError):
 
 
 class BodyError(UpstreamError):
-    """The response body broke off after the headers (reset, truncated, invalid, timeout)."""
+    """The response body broke off after the headers (reset, truncated, invalid, or
+    silent for ``read_timeout``)."""
 
 
 def _describe(exc: BaseException) -> str:
@@ -213,13 +245,19 @@ _HEAD, _BODY, _DONE = 0, 1, 2
 
 class _Stop(Exception):
     """Raised from a parser callback to stop parsing: at the end of a HEAD
-    response's head (llhttp can't be told that it has no body), or at the start of
-    a second response nobody asked for."""
+    response's head (llhttp can't be told that it has no body), at the end of a 101
+    head (what follows is the tunnel's), or at the start of a second response nobody
+    asked for."""
 
 
 class UpstreamResponse:
     """One response: status, reason, version, raw header pairs, and the body by
     :meth:`read`. Call :meth:`release` when done (always; it is cheap).
+
+    ``status == 101`` (only ever for ``request(..., upgrade=True)``): the upstream
+    switched protocols; there is no body (:meth:`read` returns ``b""``) and
+    :meth:`detach` takes the connection out of the pool as a raw tunnel, or
+    :meth:`release` closes it.
 
     ``chunked``: the last transfer coding was chunked (the body is handed on
     de-chunked). ``transfer_codings``: the other codings, lower-cased and in order
@@ -252,9 +290,21 @@ class UpstreamResponse:
         "_extra",
         "_te",
         "_tail",
+        "_upgrade",
+        "_upgraded",
+        "_tunnel",
+        "_timeout",
+        "_read_timeout",
     )
 
-    def __init__(self, conn: _Connection, head: bool) -> None:
+    def __init__(
+        self,
+        conn: _Connection,
+        head: bool,
+        upgrade: bool = False,
+        timeout: float | None = None,
+        read_timeout: float | None = None,
+    ) -> None:
         self.status = 0
         self.reason = ""
         self.version = "1.1"
@@ -290,6 +340,11 @@ class UpstreamResponse:
         self._extra = False
         self._te: list[bytes] = []  # Transfer-Encoding values as sent (not stripped)
         self._tail = b""  # HEAD: the last bytes fed to the parser (see _feed_head)
+        self._upgrade = upgrade  # the caller asked for an upgrade: a 101 is an answer
+        self._upgraded = False  # a 101 came: the connection is a tunnel now
+        self._tunnel: list[bytes] = []  # bytes after the 101 head (the tunnel's first)
+        self._timeout = timeout  # for the head, and for each stall sending the body
+        self._read_timeout = read_timeout  # for each silence in the body
 
     # -- parser callbacks (httptools) ------------------------------------------
 
@@ -323,9 +378,7 @@ class UpstreamResponse:
         status = parser.get_status_code()
         if status < 200:
             if status == 101:
-                raise UpgradeResponse(
-                    "the upstream switched protocols (101); corsproxy does not proxy upgrades"
-                )
+                self._switch()
             self._interim = True  # 100 Continue, 102, 103: skipped
             return
         self.status = status
@@ -365,6 +418,27 @@ class UpstreamResponse:
         self._conn._head_arrived()
         if self._head:
             raise _Stop  # llhttp can't be told; stop here, the message is complete
+
+    def _switch(self) -> None:
+        """A 101 head is in: the answer to an upgrade request, whose connection is a
+        tunnel from the next byte on (stop the parser there), or an error."""
+        if not self._upgrade:
+            raise UpgradeResponse(
+                "the upstream switched protocols (101) on a request that asked for no upgrade"
+            )
+        if not self._body_sent:
+            raise UpgradeResponse(
+                "the upstream switched protocols (101) before the request body was sent whole"
+            )
+        self.status = 101
+        self.version = self._parser.get_http_version()
+        self._keep_alive = False
+        self._upgraded = True
+        self._state = _BODY  # the parser stops here: _feed finishes the response
+        conn = self._conn
+        conn._pause_reading()  # until detach(): the tunnel's bytes wait in the socket
+        conn._head_arrived()
+        raise _Stop
 
     def _transfer_encoding(self, values: list[bytes]) -> None:
         """Set ``chunked`` and ``transfer_codings`` from the Transfer-Encoding values
@@ -444,7 +518,7 @@ class UpstreamResponse:
     async def read(self) -> bytes:
         """The next piece of the body (all that is buffered), ``b""`` at its end.
         Raises :class:`BodyError` when the body broke off or the upstream stayed
-        silent for ``timeout`` seconds."""
+        silent for ``read_timeout`` seconds while this waited."""
         while True:
             chunks = self._chunks
             if chunks:
@@ -459,8 +533,42 @@ class UpstreamResponse:
                 return b""
             await self._conn._wait(self, body=True)
 
+    def detach(self) -> tuple[asyncio.Transport, bytes]:
+        """Take the connection of a 101 response out of the pool for good, as a raw
+        tunnel: returns its transport and the bytes the upstream sent after the 101
+        head (the tunnel's first, possibly ``b""``).
+
+        The pool forgets the connection (it no longer counts as open, active or
+        idle, its ``max_connections`` slot is free, :meth:`UpstreamPool.close` leaves
+        it alone) and none of the pool's timers run on it any more. Reading is
+        resumed: set your own protocol with ``transport.set_protocol(p)`` right
+        away, before anything awaits (the transport's next bytes, EOF and loss go to
+        whichever protocol is set when they arrive; bytes that still reach the
+        pool's abort the transport). From then on the caller owns the transport and
+        must close it. :meth:`release` after this does nothing.
+
+        Raises :class:`RuntimeError` when the response is not a 101 or was already
+        released or detached, :class:`Disconnected` when the connection is gone
+        (the pool was closed meanwhile).
+        """
+        if not self._upgraded:
+            raise RuntimeError(
+                f"only a 101 response to an upgrade request can be detached, not a {self.status}"
+            )
+        if self._released:
+            raise RuntimeError("the response was already released or detached")
+        self._released = True
+        self._parser = None
+        conn = self._conn
+        if conn.closed:
+            raise Disconnected("the upstream connection closed before the tunnel was taken over")
+        data = b"".join(self._tunnel)
+        self._tunnel.clear()
+        return conn._detach(), data
+
     def release(self) -> None:
-        """Hand the connection back (kept only when reusable) or close it."""
+        """Hand the connection back (kept only when reusable) or close it. Does
+        nothing after :meth:`detach` (or a first call)."""
         if self._released:
             return
         self._released = True
@@ -507,6 +615,7 @@ class _Connection(asyncio.Protocol):
         "_timer",
         "_send_timer",
         "_lost",
+        "detached",
     )
 
     def __init__(self, pool: UpstreamPool) -> None:
@@ -524,6 +633,7 @@ class _Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._send_timer: asyncio.TimerHandle | None = None
         self._lost: BaseException | None = None
+        self.detached = False  # handed over as a tunnel (UpstreamResponse.detach)
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -531,7 +641,15 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.detached:
+            # The caller did not set its protocol in time: these bytes would be
+            # lost from the tunnel, so the tunnel is broken.
+            self.transport.abort()  # type: ignore[union-attr]
+            return
         response = self.response
+        if response is not None and response._upgraded:
+            response._tunnel.append(data)  # (reading is paused; only what was in flight)
+            return
         if response is None or response._state == _DONE:
             # Bytes nobody asked for (idle connection, or after the response's end).
             if response is not None:
@@ -539,14 +657,15 @@ class _Connection(asyncio.Protocol):
             self._close()
             return
         response._got_data = True
-        if response._head:
+        if response._head or (response._upgrade and response._state == _HEAD):
             self._feed_head(response, data)
         else:
             self._feed(response, data)
 
     def _feed(self, response: UpstreamResponse, data: bytes) -> bool:
         """Parse ``data``; True when the parser stopped at the end of a HEAD
-        response's head (whatever followed in ``data`` was not parsed)."""
+        response's head or of a 101 head (whatever followed in ``data`` was not
+        parsed)."""
         try:
             response._parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -554,7 +673,7 @@ class _Connection(asyncio.Protocol):
             if isinstance(cause, _Stop):
                 if response._extra:  # a second response after the end of this one
                     self._close()
-                elif response._state == _BODY:  # the end of a HEAD response's head
+                elif response._state == _BODY:  # the end of a HEAD or 101 head
                     response._finish()
                     return True
             elif isinstance(cause, UpstreamError):
@@ -566,10 +685,13 @@ class _Connection(asyncio.Protocol):
         return False
 
     def _feed_head(self, response: UpstreamResponse, data: bytes) -> None:
-        """Parse a HEAD response. llhttp can't be told it has no body, so it is
-        stopped at the end of the head, and anything after that in the same packet
-        would go unseen: feed it one head (up to an empty line) at a time, and
-        anything left after the final head is a byte nobody asked for."""
+        """Parse a HEAD response, or the head of the answer to an upgrade request.
+        llhttp can't be told a HEAD response has no body, and a 101 head is where
+        the tunnel starts, so it is stopped at the end of the head, and anything
+        after that in the same packet would go unseen: feed it one head (up to an
+        empty line) at a time. Anything left after a HEAD response's final head is a
+        byte nobody asked for; after a 101 head, the tunnel's first bytes; after
+        another final head (an upgrade refused), its body, parsed as usual."""
         tail = response._tail  # an empty line may start in the previous packet
         seen = tail + data
         response._tail = seen[-2:]
@@ -581,12 +703,17 @@ class _Connection(asyncio.Protocol):
                 continue
             if self._feed(response, data[start:end]):
                 if end < len(data):
-                    response._extra = True
-                    self._close()
+                    if response._upgraded:
+                        response._tunnel.append(data[end:])
+                    else:
+                        response._extra = True
+                        self._close()
                 return
             if self.closed or response._error is not None:
                 return
             start = end
+            if response._state != _HEAD:
+                break  # a final head that was not a 101: the body follows
         if start < len(data):
             self._feed(response, data[start:])  # no head ends in it
 
@@ -672,11 +799,11 @@ class _Connection(asyncio.Protocol):
             response._wake()
 
     async def _wait(self, response: UpstreamResponse, body: bool) -> None:
-        """Wait for the response head (``body=False``) or more body bytes, for at
-        most ``pool.timeout`` seconds of silence."""
+        """Wait for the response head (``body=False``: bounded by the head timer)
+        or more body bytes, for at most ``read_timeout`` seconds of silence."""
         waiter = self.loop.create_future()
         response._waiter = waiter
-        timeout = self.pool.timeout
+        timeout = response._read_timeout
         if body and timeout is not None:
             self._timer = self.loop.call_later(timeout, self._timed_out, response, True)
         try:
@@ -689,20 +816,22 @@ class _Connection(asyncio.Protocol):
 
     def _start_head_timer(self) -> None:
         """The request is sent: from now on the head must come within ``timeout``."""
-        timeout = self.pool.timeout
         response = self.response
-        if timeout is not None and response is not None and response._state == _HEAD:
+        if response is None:
+            return
+        timeout = response._timeout
+        if timeout is not None and response._state == _HEAD:
             self._timer = self.loop.call_later(timeout, self._timed_out, response, False)
 
     def _timed_out(self, response: UpstreamResponse, body: bool) -> None:
         self._timer = None
-        timeout = self.pool.timeout
         if body:
             error: UpstreamError = BodyError(
-                f"no body bytes from the upstream for {timeout:g} s (upstream.timeout)"
+                f"no body bytes from the upstream for {response._read_timeout:g} s "
+                f"(upstream.read_timeout)"
             )
         else:
-            error = ResponseTimeout(f"no response headers within {timeout:g} s")
+            error = ResponseTimeout(f"no response headers within {response._timeout:g} s")
         response._fail(error)
         self._close()
 
@@ -728,13 +857,12 @@ class _Connection(asyncio.Protocol):
                             f"the body is longer than its Content-Length ({length} bytes)"
                         )
                     transport.write(chunk)
-                if self._writing_paused and not await self._drained():
+                if self._writing_paused and not await self._drained(response._timeout):
                     # The upstream has read nothing for `timeout` seconds.
                     if response._state == _HEAD:
-                        timeout = self.pool.timeout
                         response._fail(SendTimeout(
                             f"the upstream accepted none of the request body for "
-                            f"{timeout:g} s (upstream.timeout)"
+                            f"{response._timeout:g} s (upstream.timeout)"
                         ))
                         self._close()
                     # (after an early answer: stop sending; the connection is not
@@ -765,9 +893,9 @@ class _Connection(asyncio.Protocol):
         response._body_sent = True
         self._start_head_timer()
 
-    async def _drained(self) -> bool:
+    async def _drained(self, timeout: float | None) -> bool:
         """Wait for the write buffer to drain: True once it has, False when the
-        upstream took none of the body for ``pool.timeout`` seconds. Each wait is
+        upstream took none of the body for ``timeout`` seconds. Each wait is
         bounded by itself, and bytes the upstream acknowledged meanwhile count as
         progress (the kernel wakes a writer only once a third or so of a send buffer
         of up to megabytes is free): a slow but moving upload is never cut."""
@@ -776,11 +904,10 @@ class _Connection(asyncio.Protocol):
         drain = self._drain
         if drain is None or drain.done():
             drain = self._drain = self.loop.create_future()
-        timeout = self.pool.timeout
         if timeout is None:
             return await drain
         self._send_timer = self.loop.call_later(
-            timeout, self._send_stalled, drain, self._unsent()
+            timeout, self._send_stalled, drain, self._unsent(), timeout
         )
         try:
             return await drain
@@ -792,14 +919,15 @@ class _Connection(asyncio.Protocol):
             if self._drain is drain:
                 self._drain = None
 
-    def _send_stalled(self, drain: asyncio.Future[bool], unsent: int | None) -> None:
+    def _send_stalled(self, drain: asyncio.Future[bool], unsent: int | None,
+                      timeout: float) -> None:
         """``timeout`` passed in a wait to write: go on waiting if the upstream took
         some bytes since, else end the wait (False)."""
         self._send_timer = None
         now = self._unsent()
         if now is not None and unsent is not None and now < unsent and not drain.done():
             self._send_timer = self.loop.call_later(
-                self.pool.timeout, self._send_stalled, drain, now  # type: ignore[arg-type]
+                timeout, self._send_stalled, drain, now, timeout
             )
         else:
             _resolve(drain, False)
@@ -811,6 +939,25 @@ class _Connection(asyncio.Protocol):
         if self.closed:
             return None
         return unsent_bytes(self.transport)
+
+    def _detach(self) -> asyncio.Transport:
+        """Leave the pool for good, with reading resumed: the transport is the
+        caller's."""
+        self._cancel_timer()
+        timer = self._send_timer
+        if timer is not None:
+            self._send_timer = None
+            timer.cancel()
+        transport = self.transport
+        assert transport is not None
+        self.detached = True
+        self.closed = True  # nothing here touches the transport again
+        self.response = None
+        self.pool._forget(self)  # no longer open; its max_connections slot is free
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+        return transport
 
     def _release(self) -> None:
         self.response = None
@@ -835,9 +982,12 @@ class UpstreamPool:
     path is ignored here: callers send the full request target).
 
     ``connect_timeout``: seconds to open a connection (TCP and TLS). ``timeout``:
-    seconds to wait for the response head once the request is sent, for each piece
-    of the body, and for the upstream to take more of the request body (None: no
-    limit). ``max_connections``: open connections at most (None: no limit);
+    seconds to wait for the response head once the request is sent, and for the
+    upstream to take more of the request body (None: no limit). ``read_timeout``:
+    the longest silence between two pieces of the response body, in seconds (None:
+    no limit, for event streams and long polls that may be quiet for ever). Both
+    can be replaced for one exchange: :meth:`request`'s ``timeout`` and
+    ``read_timeout``. ``max_connections``: open connections at most (None: no limit);
     requests beyond it wait for one to be free, at most ``acquire_timeout`` seconds
     (None: ``connect_timeout``'s value, so no limit when that is None too).
     ``max_idle``: idle connections kept. ``idle_timeout``: seconds an idle
@@ -851,6 +1001,7 @@ class UpstreamPool:
         *,
         connect_timeout: float | None = 5.0,
         timeout: float | None = 60.0,
+        read_timeout: float | None = 60.0,
         max_connections: int | None = None,
         acquire_timeout: float | None = None,
         max_idle: int = 1024,
@@ -873,6 +1024,7 @@ class UpstreamPool:
             self.ssl = ssl if ssl is not None else _ssl.create_default_context()
         self.connect_timeout = connect_timeout
         self.timeout = timeout
+        self.read_timeout = read_timeout
         self.max_connections = max_connections
         self.acquire_timeout = acquire_timeout
         self.max_idle = max_idle
@@ -1063,6 +1215,9 @@ class UpstreamPool:
         body: AsyncIterable[bytes] | None = None,
         *,
         retry: bool = False,
+        upgrade: bool = False,
+        timeout: float | None = _POOL,
+        read_timeout: float | None = _POOL,
     ) -> UpstreamResponse:
         """Send one request and return once the response head is in.
 
@@ -1074,13 +1229,29 @@ class UpstreamPool:
         U+00FF), an :class:`UpstreamError` for everything else. ``retry``: send a
         body-less idempotent request again once if a reused connection turns out
         stale (the module docstring says when); ignored for any other request.
+
+        ``upgrade``: the request asks to switch protocols (the caller's headers say
+        ``Connection: upgrade`` and ``Upgrade: ...``); no ``Content-Length: 0`` is
+        added, and a ``101 Switching Protocols`` answer is returned as a response
+        with ``status == 101`` whose connection :meth:`UpstreamResponse.detach`
+        takes over. Any other answer is an ordinary response. Without it a 101 is an
+        :class:`UpgradeResponse`.
+
+        ``timeout``, ``read_timeout``: when given (None too: no limit), replace the
+        pool's values for this exchange alone (the wait for the head and for the
+        upstream to take the body; each silence in the response body).
         """
-        head, length = _serialise(method, target, headers, body is not None)
+        if timeout is _POOL:
+            timeout = self.timeout
+        if read_timeout is _POOL:
+            read_timeout = self.read_timeout
+        head, length = _serialise(method, target, headers, body is not None, upgrade)
         attempts = 2 if retry and body is None and method in _RETRY_METHODS else 1
         for attempt in range(attempts):
             conn = await self._acquire()
+            response = UpstreamResponse(conn, method == "HEAD", upgrade, timeout, read_timeout)
             try:
-                return await self._exchange(conn, method, head, body, length)
+                return await self._exchange(conn, response, head, body, length)
             except (Disconnected, ConnectionFailed) as exc:
                 if attempt + 1 < attempts and conn.reused and _stale(exc):
                     continue
@@ -1090,12 +1261,11 @@ class UpstreamPool:
     async def _exchange(
         self,
         conn: _Connection,
-        method: str,
+        response: UpstreamResponse,
         head: bytes,
         body: AsyncIterable[bytes] | None,
         length: int | None,
     ) -> UpstreamResponse:
-        response = UpstreamResponse(conn, method == "HEAD")
         conn.response = response
         try:
             if conn.closed:
@@ -1138,9 +1308,14 @@ def _stale(exc: UpstreamError) -> bool:
 
 
 def _serialise(
-    method: str, target: str, headers: Sequence[tuple[str, str]], has_body: bool
+    method: str,
+    target: str,
+    headers: Sequence[tuple[str, str]],
+    has_body: bool,
+    upgrade: bool = False,
 ) -> tuple[bytes, int | None]:
-    """The request head as bytes, and the body's Content-Length (None: chunked)."""
+    """The request head as bytes, and the body's Content-Length (None: chunked).
+    An upgrade request without a body goes exactly as given."""
     if " " in target or " " in method:
         raise ValueError(f"request target {target!r} holds a space")
     lines = [f"{method} {target} HTTP/1.1"]
@@ -1160,7 +1335,7 @@ def _serialise(
     if has_body:
         if not has_length:
             lines.append("Transfer-Encoding: chunked")
-    elif not has_length and method not in _NO_BODY_METHODS:
+    elif not has_length and not upgrade and method not in _NO_BODY_METHODS:
         lines.append("Content-Length: 0")
     lines.append("\r\n")
     text = "\r\n".join(lines)

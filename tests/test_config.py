@@ -38,7 +38,7 @@ STAR_FIX = (
 )
 CORS_KEYS = (
     "allow_origins, allow_origin_regex, allow_methods, allow_headers, allow_credentials, "
-    "expose_headers, max_age, allow_private_network, enforce"
+    "expose_headers, max_age, allow_private_network, enforce, check_websocket_origin"
 )
 WILDCARD_RULE = (
     '"*" is only allowed as the whole value "*" or as a leading "*." label after the scheme, '
@@ -73,13 +73,15 @@ BAD_FILES = [
         "routes: [{path: /a, cros: {}}, {path: /b, cors: {colour: x}}]\n",
         [
             "FILE: cros: unknown key; did you mean cors? allowed keys here: listen, upstream, "
-            "cors, routes",
+            "cors, routes, websocket",
             "FILE: listen.prot: unknown key; did you mean port? allowed keys here: host, port, "
             "max_body_size, shutdown_grace, workers, header_timeout, keepalive_timeout, "
             "body_timeout, send_timeout, max_header_size",
             "FILE: upstream.uri: unknown key; did you mean url? allowed keys here: url, "
-            "connect_timeout, timeout, preserve_host, max_connections, idle_timeout",
-            "FILE: routes[0].cros: unknown key; did you mean cors? allowed keys here: path, cors",
+            "connect_timeout, timeout, preserve_host, max_connections, idle_timeout, "
+            "read_timeout",
+            "FILE: routes[0].cros: unknown key; did you mean cors? allowed keys here: path, cors, "
+            "upstream",
             f"FILE: routes[1].cors.colour: unknown key; allowed keys here: {CORS_KEYS}",
         ],
         id="unknown_keys_list_the_allowed_keys",
@@ -338,8 +340,8 @@ BAD_FILES = [
     pytest.param(
         "- listen\n- cors\n",
         [
-            "FILE: top level: expected a mapping of sections (listen, upstream, cors, routes), got "
-            "a list; see config/development.yaml for an example"
+            "FILE: top level: expected a mapping of sections (listen, upstream, cors, routes, "
+            "websocket), got a list; see config/development.yaml for an example"
         ],
         id="top_level_not_a_mapping",
     ),

@@ -653,7 +653,9 @@ async def test_sigterm_without_requests_in_flight_exits_at_once(scripted, start_
         code = await process.wait_exit(5)
         took = time.monotonic() - signalled
     assert code == 0
-    assert took < 1.0, f"took {took:.2f} s to stop with nothing in flight"
+    # Far below the 10 s grace: nothing waited for it (the bound leaves room for a
+    # loaded machine's interpreter teardown).
+    assert took < 3.0, f"took {took:.2f} s to stop with nothing in flight"
 
 
 # ===========================================================================

@@ -132,7 +132,8 @@ async def serve():
         server = RawServer(handler)
         await server.start(ssl_context)
         started.append(server)
-        kwargs = {"connect_timeout": 5.0, "timeout": IO, **(pool_kwargs or {})}
+        kwargs = {"connect_timeout": 5.0, "timeout": IO, "read_timeout": IO,
+                  **(pool_kwargs or {})}
         pool = UpstreamPool(server.url, **kwargs)
         pools.append(pool)
         return server, pool
@@ -432,6 +433,353 @@ async def test_101_is_an_error(serve):
     with pytest.raises(UpgradeResponse, match="101"):
         await fetch(pool)
     assert pool.open_count == 0
+
+
+# -- upgrades (WebSocket tunnels) ------------------------------------------------------
+
+WS_HEADERS = [("Host", "up"), ("Connection", "Upgrade"), ("Upgrade", "websocket"),
+              ("Sec-WebSocket-Version", "13"), ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")]
+SWITCH = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+          b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n")
+
+
+class Tunnel(asyncio.Protocol):
+    """The caller's own protocol on a detached connection: records what arrives."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.arrived = asyncio.Event()
+        self.lost: asyncio.Future[BaseException | None] = (
+            asyncio.get_running_loop().create_future()
+        )
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+        self.arrived.set()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+    async def until(self, size: int) -> bytes:
+        async with asyncio.timeout(IO):
+            while len(self.data) < size:
+                self.arrived.clear()
+                await self.arrived.wait()
+        return bytes(self.data)
+
+
+def take_over(response: UpstreamResponse) -> tuple[asyncio.Transport, bytes, Tunnel]:
+    """What a caller does: detach, then set its own protocol before anything awaits."""
+    transport, first = response.detach()
+    tunnel = Tunnel()
+    transport.set_protocol(tunnel)
+    return transport, first, tunnel
+
+
+async def close_tunnel(transport: asyncio.Transport, tunnel: Tunnel) -> None:
+    transport.close()
+    async with asyncio.timeout(IO):
+        await tunnel.lost
+
+
+def upgrade_handler(answer: bytes = SWITCH, tunnel: bool = True, cut: int | None = None
+                    ) -> Handler:
+    """Answer an upgrade request with ``answer`` (sent in two packets, split at
+    ``cut``, when given), then, when ``tunnel``, echo every byte until EOF; answer
+    any other request with OK."""
+
+    async def handle(conn: Conn) -> None:
+        while True:
+            head = await conn.head()
+            await conn.body(head)
+            if b"\r\nUpgrade: websocket\r\n" not in head:
+                await conn.send(OK)
+                continue
+            if cut is None:
+                await conn.send(answer)
+            else:
+                await conn.send(answer[:cut])
+                await asyncio.sleep(0.05)
+                await conn.send(answer[cut:])
+            if tunnel:
+                while data := await conn.reader.read(65536):
+                    await conn.send(data)
+                return
+
+    return handle
+
+
+async def test_an_upgrade_is_detached_from_the_pool_as_a_raw_tunnel(serve):
+    # Short pool timers: none of them may touch the tunnel once it is detached.
+    server, pool = await serve(upgrade_handler(), {
+        "max_connections": 1, "timeout": 0.2, "read_timeout": 0.2, "idle_timeout": 0.2,
+    })
+    async with asyncio.timeout(IO):
+        response = await pool.request("GET", "/ws", WS_HEADERS, upgrade=True)
+    assert (response.status, response.reason, response.version) == (
+        101, "Switching Protocols", "1.1")
+    assert response.raw_headers == [
+        (b"Upgrade", b"websocket"), (b"Connection", b"Upgrade"),
+        (b"Sec-WebSocket-Accept", b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+    ]
+    assert await response.read() == b""  # a 101 has no body
+    # The head went out exactly as given (no Content-Length: 0, nothing added).
+    assert server.heads == [
+        b"GET /ws HTTP/1.1\r\nHost: up\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    ]
+    # Until detached, the connection is the pool's: in use, holding the one slot.
+    assert (pool.open_count, pool.active_count, pool.idle_count) == (1, 1, 0)
+    waiting = asyncio.create_task(fetch(pool, target="/next"))
+    async with asyncio.timeout(IO):
+        while pool.waiting_count < 1:
+            await asyncio.sleep(0.01)
+    transport, first, tunnel = take_over(response)
+    try:
+        assert first == b""
+        assert (pool.open_count, pool.active_count, pool.idle_count) == (0, 0, 0)
+        response.release()  # a no-op now
+        assert not transport.is_closing()
+        # The slot was freed: the waiting request got a connection of its own.
+        _, data = await waiting
+        assert data == b"ok"
+        assert server.connections == 2
+        assert pool.open_count == pool.idle_count == 1  # the new one, not the tunnel
+        # Past every pool timer (timeout, read_timeout, idle_timeout), the tunnel
+        # still carries bytes both ways.
+        await asyncio.sleep(0.5)
+        transport.write(b"ping")
+        assert await tunnel.until(4) == b"ping"
+        # Closing the pool leaves the tunnel alone: it is the caller's.
+        await pool.close()
+        transport.write(b"pong")
+        assert await tunnel.until(8) == b"pingpong"
+        assert not tunnel.lost.done()
+    finally:
+        await close_tunnel(transport, tunnel)
+    assert pool.open_count == 0
+
+
+@pytest.mark.parametrize(("answer", "first"), [
+    (SWITCH + b"\x81\x05hello", b"\x81\x05hello"),  # a WebSocket frame right behind
+    # an interim response first; then bytes that look like HTTP, which are the tunnel's
+    (b"HTTP/1.1 100 Continue\r\n\r\n" + SWITCH + b"HTTP/1.1 200 OK\r\n\r\n",
+     b"HTTP/1.1 200 OK\r\n\r\n"),
+    # a 101 without Upgrade/Connection (llhttp would not pause on it itself)
+    (b"HTTP/1.1 101 Switching Protocols\r\n\r\nraw", b"raw"),
+    # a 101 has no body whatever its headers say
+    (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+     b"Content-Length: 3\r\n\r\nabcdef", b"abcdef"),
+    # bare LF line ends: the tunnel starts right after the empty line
+    (b"HTTP/1.1 101 Switching Protocols\nUpgrade: websocket\nConnection: Upgrade\n\n\r\n\r\nx",
+     b"\r\n\r\nx"),
+])
+@pytest.mark.parametrize("split", [False, True])
+async def test_tunnel_bytes_sent_with_the_101_head_are_handed_over(serve, answer, first, split):
+    # With `split`, the head's last byte comes in a second packet with the tunnel's
+    # first bytes: the empty line ending the head spans two packets.
+    cut = len(answer) - len(first) - 1 if split else None
+    server, pool = await serve(upgrade_handler(answer, cut=cut))
+    async with asyncio.timeout(IO):
+        response = await pool.request("GET", "/ws", WS_HEADERS, upgrade=True)
+    assert response.status == 101
+    transport, data, tunnel = take_over(response)
+    try:
+        assert data == first
+        assert pool.open_count == 0
+        transport.write(b"echo")
+        assert await tunnel.until(4) == b"echo"
+    finally:
+        await close_tunnel(transport, tunnel)
+
+
+async def test_tunnel_bytes_after_the_101_wait_for_the_caller(serve):
+    # The upstream speaks first, a while after its 101 head and before the caller
+    # detaches: those bytes are neither lost nor taken as a byte after the response's
+    # end (which would close the connection); they reach the caller's protocol.
+    async def handle(conn: Conn) -> None:
+        await conn.head()
+        await conn.send(SWITCH)
+        await asyncio.sleep(0.05)
+        await conn.send(b"hello from upstream")
+        while data := await conn.reader.read(65536):
+            await conn.send(data)
+
+    server, pool = await serve(handle)
+    async with asyncio.timeout(IO):
+        response = await pool.request("GET", "/ws", WS_HEADERS, upgrade=True)
+    await asyncio.sleep(0.2)
+    assert pool.open_count == 1  # still open, reading paused
+    transport, first, tunnel = take_over(response)
+    try:
+        # (all of it, whether a first part came with the head or not)
+        assert first + await tunnel.until(19 - len(first)) == b"hello from upstream"
+        transport.write(b"!")
+        assert first + await tunnel.until(20 - len(first)) == b"hello from upstream!"
+        # The upstream closing the tunnel reaches the caller's protocol too.
+        transport.write_eof()
+        async with asyncio.timeout(IO):
+            assert await tunnel.lost is None
+    finally:
+        transport.close()
+
+
+@pytest.mark.parametrize(("answer", "status", "body"), [
+    (b"HTTP/1.1 400 Bad Request\r\nContent-Length: 12\r\n\r\nno\r\n\r\nthanks", 400,
+     b"no\r\n\r\nthanks"),
+    (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 426 Upgrade Required\r\nUpgrade: websocket\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\n4\r\n\r\n\r\n\r\n0\r\n\r\n", 426, b"\r\n\r\n"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", 200, b""),
+])
+async def test_an_upgrade_answered_without_101_is_an_ordinary_response(
+    serve, answer, status, body
+):
+    server, pool = await serve(upgrade_handler(answer, tunnel=False))
+    async with asyncio.timeout(IO):
+        response = await pool.request("GET", "/ws", WS_HEADERS, upgrade=True)
+    try:
+        assert response.status == status
+        assert await read_all(response) == body
+        with pytest.raises(RuntimeError, match=f"only a 101 .* not a {status}"):
+            response.detach()
+    finally:
+        response.release()
+    assert pool.idle_count == 1  # read whole, keep-alive: back in the pool
+    _, data = await fetch(pool)
+    assert data == b"ok" and server.connections == 1
+
+
+async def test_101_without_upgrade_stays_an_error(serve):
+    server, pool = await serve(upgrade_handler())
+    with pytest.raises(UpgradeResponse, match="asked for no upgrade"):
+        async with asyncio.timeout(IO):
+            await pool.request("GET", "/ws", WS_HEADERS)
+    assert pool.open_count == 0
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_a_101_released_instead_of_detached_closes_the_connection(serve, method):
+    closed = asyncio.Event()
+
+    async def handle(conn: Conn) -> None:
+        server.heads.append(await conn.reader.readuntil(b"\r\n\r\n"))
+        await conn.send(SWITCH + b"tunnel")
+        assert await conn.reader.read() == b""  # the client closes it
+        closed.set()
+
+    server, pool = await serve(handle)
+    headers = [("Host", "up"), ("Connection", "upgrade"), ("Upgrade", "x")]
+    async with asyncio.timeout(IO):
+        response = await pool.request(method, "/", headers, upgrade=True)
+    assert response.status == 101
+    response.release()
+    with pytest.raises(RuntimeError, match="already released or detached"):
+        response.detach()
+    async with asyncio.timeout(IO):
+        await closed.wait()
+    assert pool.open_count == 0
+    # Exactly as given: no Content-Length: 0 even for a POST.
+    assert server.heads == [
+        f"{method} / HTTP/1.1\r\nHost: up\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n".encode()
+    ]
+
+
+async def test_detach_twice_or_after_the_pool_closed(serve):
+    server, pool = await serve(upgrade_handler())
+    async with asyncio.timeout(IO):
+        first = await pool.request("GET", "/ws", WS_HEADERS, upgrade=True)
+        second = await pool.request("GET", "/ws", WS_HEADERS, upgrade=True)
+    assert (pool.open_count, pool.active_count) == (2, 2)
+    transport, _, tunnel = take_over(first)
+    try:
+        with pytest.raises(RuntimeError, match="already released or detached"):
+            first.detach()
+        await pool.close()  # the second was still the pool's: closed with it
+        with pytest.raises(Disconnected, match="before the tunnel was taken over"):
+            second.detach()
+        second.release()
+        assert not transport.is_closing()
+    finally:
+        await close_tunnel(transport, tunnel)
+
+
+async def test_an_upgrade_with_a_body_switches_once_the_body_is_sent_whole(serve):
+    server, pool = await serve(upgrade_handler(SWITCH + b"hi"))
+
+    async def body():
+        yield b"da"
+        yield b"ta"
+
+    headers = [*WS_HEADERS, ("Content-Length", "4")]
+    async with asyncio.timeout(IO):
+        response = await pool.request("POST", "/ws", headers, body(), upgrade=True)
+    transport, first, tunnel = take_over(response)
+    try:
+        assert (response.status, first, server.bodies) == (101, b"hi", [b"data"])
+        transport.write(b"x")
+        assert await tunnel.until(1) == b"x"
+    finally:
+        await close_tunnel(transport, tunnel)
+
+
+async def test_a_101_before_the_request_body_was_sent_whole_is_an_error(serve):
+    async def handle(conn: Conn) -> None:
+        await conn.head()
+        await conn.send(SWITCH)
+        await conn.reader.read()
+
+    server, pool = await serve(handle)
+    unblock = asyncio.Event()
+
+    async def body():
+        yield b"part"
+        async with asyncio.timeout(IO):
+            await unblock.wait()
+        yield b"rest"
+
+    with pytest.raises(UpgradeResponse, match="before the request body was sent whole"):
+        async with asyncio.timeout(IO):
+            await pool.request("POST", "/ws", WS_HEADERS, body(), upgrade=True)
+    unblock.set()
+    assert pool.open_count == 0
+
+
+async def test_an_upgrade_on_a_stale_connection_is_retried_only_without_a_response_byte(serve):
+    # First connection: answers /1, then drops the upgrade request unanswered (the
+    # idle race) or after a byte of an answer; later connections upgrade.
+    partial = [False]
+
+    async def handle(conn: Conn) -> None:
+        if server.connections == 1:
+            await conn.head()
+            await conn.send(OK)
+            await conn.head()
+            if partial[0]:
+                await conn.send(b"HTTP/1.1 10")
+                conn.writer.close()
+            else:
+                conn.writer.transport.abort()
+            return
+        await upgrade_handler()(conn)
+
+    server, pool = await serve(handle)
+    await fetch(pool, target="/1")
+    async with asyncio.timeout(IO):
+        response = await pool.request("GET", "/ws", WS_HEADERS, upgrade=True, retry=True)
+    transport, _, tunnel = take_over(response)
+    await close_tunnel(transport, tunnel)
+    assert [h.split(b" ")[1] for h in server.heads] == [b"/1", b"/ws", b"/ws"]
+
+    server.connections = 0
+    server.heads.clear()
+    partial[0] = True
+    await fetch(pool, target="/1")
+    with pytest.raises(Disconnected):
+        async with asyncio.timeout(IO):
+            await pool.request("GET", "/ws", WS_HEADERS, upgrade=True, retry=True)
+    assert [h.split(b" ")[1] for h in server.heads] == [b"/1", b"/ws"]  # sent once
+    assert server.connections == 1
 
 
 async def test_read_until_close_body(serve):
@@ -1146,12 +1494,119 @@ async def test_silent_upstream_while_the_body_streams(serve):
         await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfirst")
         await conn.reader.read()
 
-    server, pool = await serve(handle, {"timeout": 0.2})
+    server, pool = await serve(handle, {"read_timeout": 0.2})
     response = await pool.request("GET", "/", [("Host", "up")])
     assert await response.read() == b"first"
-    with pytest.raises(BodyError, match="no body bytes"):
-        await response.read()
+    with pytest.raises(BodyError, match=r"^no body bytes from the upstream for 0.2 s "
+                                        r"\(upstream.read_timeout\)$"):
+        async with asyncio.timeout(IO):
+            await response.read()
     response.release()
+    assert pool.open_count == 0
+
+
+def gap_handler(gap: float) -> Handler:
+    """Answer each request with a body of two pieces, ``gap`` seconds apart."""
+
+    async def handle(conn: Conn) -> None:
+        while True:
+            await conn.head()
+            await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\na")
+            await asyncio.sleep(gap)
+            await conn.send(b"b")
+
+    return handle
+
+
+@pytest.mark.parametrize("read_timeout", [3.0, None])
+async def test_a_body_quiet_for_longer_than_timeout_is_bounded_by_read_timeout(
+    serve, read_timeout
+):
+    # `timeout` (0.3 s) bounds only the wait for the head; the 0.8 s gap in the body
+    # is within read_timeout (3 s, or no limit at all).
+    server, pool = await serve(gap_handler(0.8), {"timeout": 0.3, "read_timeout": read_timeout})
+    for _ in range(2):
+        response, data = await fetch(pool)
+        assert (response.status, data) == (200, b"ab")
+    assert server.connections == 1
+
+
+async def test_read_timeout_per_request(serve):
+    # The pool's read_timeout is 0.3 s; one request lifts it (None: no limit), the
+    # next has the pool's again.
+    server, pool = await serve(gap_handler(0.8), {"timeout": 0.3, "read_timeout": 0.3})
+    async with asyncio.timeout(IO):
+        response = await pool.request("GET", "/events", [("Host", "up")], read_timeout=None)
+    try:
+        assert await read_all(response) == b"ab"
+    finally:
+        response.release()
+    async with asyncio.timeout(IO):
+        response = await pool.request("GET", "/", [("Host", "up")], read_timeout=1.5)
+    try:
+        assert await read_all(response) == b"ab"
+    finally:
+        response.release()
+    response = await pool.request("GET", "/", [("Host", "up")])
+    try:
+        assert await response.read() == b"a"
+        with pytest.raises(BodyError, match=r"for 0.3 s \(upstream.read_timeout\)$"):
+            async with asyncio.timeout(IO):
+                await response.read()
+    finally:
+        response.release()
+    assert server.connections == 1 and pool.open_count == 0  # timed out: closed
+
+
+async def test_timeout_per_request(serve):
+    # The upstream answers each request 0.8 s after its head; the pool's timeout is
+    # 0.3 s. A longer (or no) timeout for one request lets it through.
+    async def handle(conn: Conn) -> None:
+        while True:
+            await conn.head()
+            await asyncio.sleep(0.8)
+            await conn.send(OK)
+
+    server, pool = await serve(handle, {"timeout": 0.3})
+    for timeout in (2.0, None):
+        async with asyncio.timeout(IO):
+            response = await pool.request("GET", "/", [("Host", "up")], timeout=timeout)
+        try:
+            assert await read_all(response) == b"ok"
+        finally:
+            response.release()
+    assert server.connections == 1
+    with pytest.raises(ResponseTimeout, match=r"^no response headers within 0.3 s$"):
+        async with asyncio.timeout(IO):
+            await pool.request("GET", "/", [("Host", "up")])
+    pool.timeout = IO
+    with pytest.raises(ResponseTimeout, match=r"^no response headers within 0.2 s$"):
+        async with asyncio.timeout(IO):
+            await pool.request("GET", "/", [("Host", "up")], timeout=0.2)
+    assert pool.open_count == 0
+
+
+async def test_a_per_request_timeout_bounds_a_stalled_request_body(serve):
+    total = 16 * 1024 * 1024
+    done = asyncio.Event()
+
+    async def handle(conn: Conn) -> None:
+        await conn.head()
+        async with asyncio.timeout(IO):
+            await done.wait()
+
+    server, pool = await serve(handle)  # the pool's timeout: IO
+
+    async def body():
+        for _ in range(total // 65536):
+            yield b"s" * 65536
+
+    with pytest.raises(SendTimeout, match=r"for 0.3 s \(upstream.timeout\)$"):
+        async with asyncio.timeout(IO):
+            await pool.request("PUT", "/", [("Host", "up"), ("Content-Length", str(total))],
+                               body(), timeout=0.3)
+    done.set()
+    assert pool.open_count == 0
 
 
 async def test_head_timeout_starts_once_the_body_is_sent(serve):
@@ -1326,6 +1781,24 @@ async def test_https_upstream_with_an_untrusted_certificate_is_a_connect_error(s
     server, pool = await serve(repeat_handler(OK), ssl_context=server_ctx)
     with pytest.raises(ConnectError, match="(?i)certificate"):
         await fetch(pool)
+
+
+async def test_an_upgrade_over_https_is_detached_as_a_tls_tunnel(serve, tls_files):
+    key, cert = tls_files
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+    server, pool = await serve(upgrade_handler(SWITCH + b"first"), {"ssl": client_ctx},
+                               ssl_context=server_ctx)
+    async with asyncio.timeout(IO):
+        response = await pool.request("GET", "/ws", WS_HEADERS, upgrade=True)
+    transport, first, tunnel = take_over(response)
+    try:
+        assert (response.status, first, pool.open_count) == (101, b"first", 0)
+        transport.write(b"x" * 100000)  # more than one TLS record
+        assert await tunnel.until(100000) == b"x" * 100000
+    finally:
+        await close_tunnel(transport, tunnel)
 
 
 async def test_complete_and_at_eof(serve):
