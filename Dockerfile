@@ -41,8 +41,9 @@ USER 10001:10001
 EXPOSE 8080
 STOPSIGNAL SIGTERM
 
-# A preflight to the listener (the port from CORSPROXY_CONFIG's listen section): exit 0
-# when the proxy answers it (200 or 400). The upstream is never touched.
+# GET /healthz on the admin listener (admin.host/admin.port from CORSPROXY_CONFIG; default
+# 127.0.0.1:9901, inside the container): exit 0 on 200. With admin.port: null it sends a
+# preflight to the listener instead. The upstream is never touched.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=5s --retries=3 \
     CMD ["corsproxy", "healthcheck"]
 

@@ -29,11 +29,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from . import __version__
-from .config import Config, ConfigError, config_json_schema, load_config
+from .config import AdminConfig, Config, ConfigError, config_json_schema, load_config
 from .core import SAFELISTED_REQUEST_HEADERS, CorsSettings, Decision, RequestView
 
 ENV_CONFIG = "CORSPROXY_CONFIG"
 HEALTHCHECK_URL = "http://127.0.0.1:8080/"
+HEALTHZ_URL = "http://127.0.0.1:9901/healthz"
 HEALTHCHECK_ORIGIN = "http://corsproxy-healthcheck.invalid"
 HEALTHCHECK_TIMEOUT = 3.0
 
@@ -184,14 +185,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "healthcheck",
         help="check that a running proxy answers (for Docker HEALTHCHECK)",
-        description="Send a CORS preflight (OPTIONS, Origin: "
-        f"{HEALTHCHECK_ORIGIN}, Access-Control-Request-Method: GET) to the proxy. The "
-        "proxy answers preflights itself, so the upstream is never touched. Exit 0 when it "
-        f"answers 200 or 400, 1 otherwise. Target: --url, else listen.host/port from "
-        f"--config (or ${ENV_CONFIG}), else {HEALTHCHECK_URL}.",
+        description="Ask the admin listener's GET /healthz (admin.host/admin.port from "
+        f"--config or ${ENV_CONFIG}, default {HEALTHZ_URL}): exit 0 when it answers 200. "
+        "With --url, or when the config turns the admin listener off (admin.port: null or "
+        "0), send a CORS preflight (OPTIONS, Origin: "
+        f"{HEALTHCHECK_ORIGIN}, Access-Control-Request-Method: GET) to the proxy instead "
+        "(--url, else listen.host/port): exit 0 when it answers 200 or 400. The upstream is "
+        "never touched. Exit 1 otherwise.",
     )
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--url", metavar="URL", help=f"the proxy's URL (default {HEALTHCHECK_URL})")
+    group.add_argument("--url", metavar="URL",
+                       help=f"send the health preflight to this proxy URL (e.g. "
+                            f"{HEALTHCHECK_URL})")
     _config_arg(group, "take the address from this config")
     return parser
 
@@ -322,7 +327,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _request_view(args: argparse.Namespace) -> RequestView:
+def _request_view(args: argparse.Namespace, config: Config) -> RequestView:
     if args.websocket and (args.request_method is not None or args.method not in (None, "GET")):
         raise UsageError("corsproxy explain: --websocket is a GET handshake; leave out "
                          "--request-method and --method")
@@ -338,6 +343,8 @@ def _request_view(args: argparse.Namespace) -> RequestView:
         request_headers=(args.request_headers,) if args.request_headers is not None else (),
         request_private_network="true" if args.request_private_network else None,
         host=args.host,
+        # The listener's scheme: the same-origin test compares Origin with it + Host.
+        scheme="https" if config.listen.tls is not None else "http",
         websocket=args.websocket,
     )
 
@@ -387,7 +394,7 @@ def explain_json(config: Config, req: RequestView, decision: Decision) -> dict[s
 
 def cmd_explain(args: argparse.Namespace) -> int:
     config = load_config(_need_config(args))
-    req = _request_view(args)
+    req = _request_view(args, config)
     decision = config.router.decide(req)
     if args.json:
         print(json.dumps(explain_json(config, req, decision), indent=2))
@@ -430,26 +437,29 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    config = load_config(
-        _need_config(args),
-        upstream=args.upstream,
-        host=args.host,
-        port=args.port,
-        require_upstream=True,
-    )
+    path = _need_config(args)
+
+    def load() -> Config:
+        """The config as this command reads it (also on every reload)."""
+        config = load_config(
+            path, upstream=args.upstream, host=args.host, port=args.port, require_upstream=True
+        )
+        if args.workers is not None:
+            config = dataclasses.replace(
+                config, listen=dataclasses.replace(config.listen, workers=args.workers)
+            )
+        return config
+
+    config = load()
     try:
         from .logs import event_line
         from .server import run_server
     except ModuleNotFoundError as e:
         _err(f"corsproxy run: the proxy server is not available ({e}); reinstall corsproxy")
         return 1
-    if args.workers is not None:
-        config = dataclasses.replace(
-            config, listen=dataclasses.replace(config.listen, workers=args.workers)
-        )
     for w in config.warnings:  # in the log's own format, before the server's first line
         _err(event_line(args.log_format, "config-warning", f"warning: {w}"))
-    return run_server(config, log_format=args.log_format)
+    return run_server(config, log_format=args.log_format, load=load)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -466,21 +476,52 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
-def _healthcheck_target(args: argparse.Namespace) -> str:
+def _loopback(host: str) -> str:
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return f"[{host}]" if ":" in host else host
+
+
+def _healthcheck_target(args: argparse.Namespace) -> tuple[str, str]:
+    """(URL, "preflight" or "healthz"): what ``healthcheck`` asks, and how."""
     if args.url:
-        return args.url
+        return args.url, "preflight"
     if not args.config:
-        return HEALTHCHECK_URL
-    listen = load_config(args.config).listen
+        admin = AdminConfig()
+        return f"http://{_loopback(admin.host)}:{admin.port}/healthz", "healthz"
+    config = load_config(args.config)
+    admin = config.admin
+    if admin.port:  # the admin listener's /healthz; else the preflight to the proxy
+        return f"http://{_loopback(admin.host)}:{admin.port}/healthz", "healthz"
+    listen = config.listen
     if listen.port == 0:
         raise UsageError(
             f"corsproxy healthcheck: {args.config}: listen.port is 0 (any free port), so the "
             f"address is unknown; pass --url http://HOST:PORT/"
         )
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(listen.host, listen.host)
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{listen.port}/"
+    scheme = "https" if listen.tls is not None else "http"
+    return f"{scheme}://{_loopback(listen.host)}:{listen.port}/", "preflight"
+
+
+def healthz(url: str, timeout: float = HEALTHCHECK_TIMEOUT) -> tuple[bool, str]:
+    """``GET url`` (the admin listener's /healthz); (healthy, one line saying what
+    happened)."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        conn.request("GET", parts.path)
+        response = conn.getresponse()
+        response.read(65536)
+    except (OSError, http.client.HTTPException) as e:
+        reason = str(e) or type(e).__name__
+        return False, f"unhealthy: {url}: no answer ({reason})"
+    finally:
+        conn.close()
+    if response.status == 200:
+        return True, f"healthy: {url} answered 200"
+    return False, (
+        f"unhealthy: {url} answered {response.status} {response.reason}; corsproxy's admin "
+        f"listener answers 200 (is something else on admin.port?)"
+    )
 
 
 def healthcheck(url: str, timeout: float = HEALTHCHECK_TIMEOUT) -> tuple[bool, str]:
@@ -492,10 +533,19 @@ def healthcheck(url: str, timeout: float = HEALTHCHECK_TIMEOUT) -> tuple[bool, s
         port = parts.port
     except ValueError:
         raise UsageError(f"corsproxy healthcheck: --url {url!r} has an invalid port") from None
-    conn_class = (
-        http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    )
-    conn = conn_class(parts.hostname, port, timeout=timeout)
+    if parts.scheme == "https":
+        # A liveness probe of our own listener, usually on loopback: whether it answers
+        # matters, not who signed its certificate (a private CA, a rotated one).
+        import ssl
+
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+            parts.hostname, port, timeout=timeout, context=context
+        )
+    else:
+        conn = http.client.HTTPConnection(parts.hostname, port, timeout=timeout)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     try:
         conn.request(
@@ -519,7 +569,8 @@ def healthcheck(url: str, timeout: float = HEALTHCHECK_TIMEOUT) -> tuple[bool, s
 
 
 def cmd_healthcheck(args: argparse.Namespace) -> int:
-    ok, message = healthcheck(_healthcheck_target(args))
+    url, probe = _healthcheck_target(args)
+    ok, message = healthz(url) if probe == "healthz" else healthcheck(url)
     print(message, file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1
 

@@ -96,6 +96,7 @@ from ._config_yaml import Loc, _read_yaml, _YamlError
 from .core import CorsPolicy, CorsSettings, Router, compile_origin_regex
 
 __all__ = [
+    "AdminConfig",
     "Config",
     "ConfigError",
     "ListenConfig",
@@ -128,6 +129,7 @@ class ListenConfig:
     body_timeout: float = 60.0
     send_timeout: float = 60.0
     max_header_size: int = 32768
+    tls: TlsConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,16 @@ class UpstreamConfig:
     max_connections: int = 1024
     idle_timeout: float = 30.0
     read_timeout: float | None = 60.0
+    ca_file: str | None = None
+    tls_insecure_skip_verify: bool = False
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """``listen.tls``: absolute paths of the PEM certificate chain and key."""
+
+    cert_file: str
+    key_file: str
 
 
 @dataclass(frozen=True)
@@ -153,6 +165,17 @@ class UpstreamTimeouts:
     timeout: float | None = None
     read_timeout: float | None = None
     read_timeout_set: bool = False
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    """``admin``: the listener for /healthz, /readyz, /metrics and /denied
+    (``corsproxy.admin``); ``port`` None turns it off, 0 picks any free port.
+    ``ready_checks_upstream``: /readyz also needs a TCP connect to the upstream."""
+
+    host: str = "127.0.0.1"
+    port: int | None = 9901
+    ready_checks_upstream: bool = False
 
 
 @dataclass(frozen=True)
@@ -188,6 +211,10 @@ class Config:
     router: Router
     warnings: tuple[str, ...] = ()
     websocket: WebSocketConfig = WebSocketConfig()
+    admin: AdminConfig = AdminConfig()
+    #: Other files the config reads (allow_origins_file), absolute: a reload
+    #: watches them too.
+    watched_files: tuple[str, ...] = ()
 
 
 class ConfigError(Exception):
@@ -251,6 +278,21 @@ HeaderList = _str_list(_check_header)
 _STRICT = ConfigDict(extra="forbid", strict=True)
 
 
+class TlsModel(BaseModel):
+    """Serve HTTPS: a PEM certificate chain and its private key."""
+
+    model_config = _STRICT
+
+    cert_file: str = Field(
+        description="PEM certificate chain (leaf first), relative to the config file.",
+        examples=["tls/cert.pem"],
+    )
+    key_file: str = Field(
+        description="PEM private key of the certificate, relative to the config file.",
+        examples=["tls/key.pem"],
+    )
+
+
 class ListenModel(BaseModel):
     """Where the proxy listens."""
 
@@ -309,6 +351,11 @@ class ListenModel(BaseModel):
         description="Largest request head (request line and headers) in bytes; beyond it "
         "431 and close.",
     )
+    tls: TlsModel | None = Field(
+        None,
+        description="Serve HTTPS (TLS 1.2 or later) with this certificate; the files are "
+        "read again on every reload (certificate rotation).",
+    )
 
 
 class UpstreamModel(BaseModel):
@@ -333,6 +380,16 @@ class UpstreamModel(BaseModel):
     )
     preserve_host: bool = Field(
         False, description="true: forward the client's Host header instead of the upstream's."
+    )
+    ca_file: str | None = Field(
+        None,
+        description="PEM file of the CA(s) to trust for an https upstream (a private CA), "
+        "instead of the system's; relative to the config file.",
+    )
+    tls_insecure_skip_verify: bool = Field(
+        False,
+        description="true: accept any certificate from an https upstream (no CA or host "
+        "name check). Only for tests; check warns.",
     )
     max_connections: int = Field(
         1024, ge=1, le=1000000,
@@ -374,6 +431,27 @@ class WebSocketModel(BaseModel):
     idle_timeout: float = Field(
         300.0, gt=0, allow_inf_nan=False,
         description="Seconds of silence in both directions after which a tunnel is closed.",
+    )
+
+
+class AdminModel(BaseModel):
+    """The admin listener: /healthz, /readyz, /metrics, /denied."""
+
+    model_config = _STRICT
+
+    host: Annotated[str, AfterValidator(_check_listen_host)] = Field(
+        "127.0.0.1",
+        description="Address of the admin listener; keep it on loopback (or a private "
+        "network): /metrics and /denied tell anyone who asks about your traffic.",
+    )
+    port: int | None = Field(
+        9901, ge=0, le=65535,
+        description="TCP port of the admin listener; null turns it off, 0 picks any free port.",
+    )
+    ready_checks_upstream: bool = Field(
+        False,
+        description="true: /readyz also answers 503 while a TCP connect to the upstream fails "
+        "(within upstream.connect_timeout; checked at most once a second).",
     )
 
 
@@ -430,6 +508,13 @@ class CorsModel(BaseModel):
         False,
         description="Answer 403 to cross-origin requests from origins that are not allowed, "
         "instead of forwarding them without CORS headers.",
+    )
+    allow_origins_file: str | None = Field(
+        None,
+        description="A file of more allowed origins, one per line (# starts a comment), "
+        "added to allow_origins; relative to the config file. Watched and reloaded like the "
+        "config file.",
+        examples=["origins.txt"],
     )
     check_websocket_origin: bool = Field(
         True,
@@ -502,6 +587,13 @@ class ConfigModel(BaseModel):
         WebSocketModel,
         BeforeValidator(_none_is_empty, json_schema_input_type=WebSocketModel | None),
     ] = Field(default_factory=WebSocketModel, description="WebSocket tunnels.")
+    admin: Annotated[
+        AdminModel,
+        BeforeValidator(_none_is_empty, json_schema_input_type=AdminModel | None),
+    ] = Field(
+        default_factory=AdminModel,
+        description="The admin listener: health, readiness, Prometheus metrics, denied origins.",
+    )
 
 
 def config_json_schema() -> dict[str, Any]:
@@ -527,6 +619,8 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
             model = RouteUpstreamModel
         elif part == "websocket":
             model = WebSocketModel
+        elif part == "admin":
+            model = AdminModel
         elif part in ("listen", "upstream"):
             model = ListenModel if part == "listen" else UpstreamModel
         else:
@@ -726,6 +820,85 @@ def _settings(values: dict[str, Any]) -> CorsSettings:
     )
 
 
+def _tls_files(
+    model: ConfigModel, base: str, errors: list[tuple[Loc, str]], warnings: list[tuple[Loc, str]]
+) -> tuple[TlsConfig | None, str | None]:
+    """listen.tls and upstream.ca_file as absolute paths, each tried once here, so a
+    bad file is reported by check instead of at the first connection."""
+    import ssl
+
+    tls = None
+    if model.listen.tls is not None:
+        cert = os.path.join(base, model.listen.tls.cert_file)
+        key = os.path.join(base, model.listen.tls.key_file)
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+            tls = TlsConfig(cert, key)
+        except (OSError, ssl.SSLError) as e:
+            reason = getattr(e, "strerror", None) or str(e)
+            errors.append((("listen", "tls"), f"cannot load the certificate {cert} with the key "
+                                              f"{key} ({reason}); give PEM files of a "
+                                              f"certificate chain and its private key"))
+    ca_file = None
+    if model.upstream.ca_file is not None:
+        ca_file = os.path.join(base, model.upstream.ca_file)
+        try:
+            ssl.create_default_context(cafile=ca_file)
+        except (OSError, ssl.SSLError) as e:
+            reason = getattr(e, "strerror", None) or str(e)
+            errors.append((("upstream", "ca_file"), f"cannot load {ca_file} ({reason}); give a "
+                                                    f"PEM file of CA certificates"))
+    if model.upstream.tls_insecure_skip_verify:
+        warnings.append((("upstream", "tls_insecure_skip_verify"),
+                         "true: the upstream's certificate is not checked, so anyone on the "
+                         "path can read and change the traffic; trust its CA with "
+                         "upstream.ca_file instead"))
+    return tls, ca_file
+
+
+def _read_origins_file(path: str) -> tuple[list[str], str | None]:
+    """(lines, error) of an allow_origins_file."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return [], f"cannot read {path} ({e.strerror or e}); check the path"
+    try:
+        return data.decode("utf-8-sig").splitlines(), None
+    except UnicodeDecodeError:
+        return [], f"{path} is not UTF-8 text; save it as UTF-8"
+
+
+def _add_origins_file(
+    where: Loc, merged: dict[str, Any], base: str, cache: dict[str, tuple[list[str], str | None]]
+) -> list[tuple[Loc, str]]:
+    """Add the origins of ``merged``'s allow_origins_file to its allow_origins (in
+    place); the problems found, each naming the file and line."""
+    name = merged.get("allow_origins_file")
+    if not isinstance(name, str) or not name:
+        return []
+    path = os.path.join(base, name)
+    if path not in cache:
+        cache[path] = _read_origins_file(path)
+    lines, error = cache[path]
+    loc = (*where, "allow_origins_file")
+    if error is not None:
+        return [(loc, error)]
+    problems: list[tuple[Loc, str]] = []
+    added: list[str] = []
+    for number, line in enumerate(lines, 1):
+        origin = line.split("#", 1)[0].strip()
+        if not origin:
+            continue
+        problem = origin_problem(origin)
+        if problem is not None:
+            problems.append((loc, f"{path}, line {number}: {problem}"))
+        else:
+            added.append(origin)
+    merged["allow_origins"] = [*merged["allow_origins"], *added]
+    return problems
+
+
 def _route_timeouts(model: RouteUpstreamModel | None) -> UpstreamTimeouts | None:
     if model is None:
         return None
@@ -842,6 +1015,16 @@ def parse_config(
     merged_routes, route_errors, route_warnings = _route_problems(raw, top_merged)
     errors += route_errors
     warnings += route_warnings
+    base = os.path.dirname(os.path.abspath(source)) if source != "<string>" else os.getcwd()
+    origin_files: dict[str, tuple[list[str], str | None]] = {}
+    for where, merged in [(("cors",), top_merged)] + [
+        (("routes", i, "cors"), m) for i, m in enumerate(merged_routes)
+    ]:
+        errors += _add_origins_file(where, merged, base, origin_files)
+    tls: TlsConfig | None = None
+    ca_file: str | None = None
+    if model is not None:
+        tls, ca_file = _tls_files(model, base, errors, warnings)
 
     if model is not None and model.upstream.url is None:
         if require_upstream:
@@ -859,6 +1042,12 @@ def parse_config(
                     "not set; only `corsproxy run --upstream URL` can start this config",
                 )
             )
+
+    if model is not None and model.admin.port and model.admin.port == model.listen.port:
+        # With listen.workers, both would join one SO_REUSEPORT group and share traffic.
+        errors.append((("admin", "port"), f"{model.admin.port} is listen.port too; the admin "
+                       f"endpoints need a port of their own: change one of the two, or set "
+                       f"admin.port: null to turn the admin listener off"))
 
     def lines(problems: list[tuple[Loc, str]]) -> list[str]:
         def position(item: tuple[Loc, str]) -> tuple[int, int]:
@@ -888,17 +1077,23 @@ def parse_config(
     lm, um = model.listen, model.upstream
     return Config(
         source=source,
+        watched_files=tuple(origin_files)
+        + ((tls.cert_file, tls.key_file) if tls is not None else ()),
         listen=ListenConfig(
             lm.host, lm.port, lm.max_body_size, float(lm.shutdown_grace), lm.workers,
             float(lm.header_timeout), float(lm.keepalive_timeout), float(lm.body_timeout),
-            float(lm.send_timeout), lm.max_header_size,
+            float(lm.send_timeout), lm.max_header_size, tls,
         ),
         upstream=UpstreamConfig(
             um.url, float(um.connect_timeout), float(um.timeout), um.preserve_host,
             um.max_connections, float(um.idle_timeout),
             None if um.read_timeout is None else float(um.read_timeout),
+            ca_file, um.tls_insecure_skip_verify,
         ),
         websocket=WebSocketConfig(float(model.websocket.idle_timeout)),
+        admin=AdminConfig(
+            model.admin.host, model.admin.port, model.admin.ready_checks_upstream
+        ),
         cors=cors,
         routes=routes,
         router=router,

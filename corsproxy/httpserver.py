@@ -166,7 +166,7 @@ class Request:
 
     @property
     def scheme(self) -> str:
-        return "http"
+        return self.conn.server.scheme
 
 
 class RequestBody:
@@ -495,6 +495,11 @@ class Connection(asyncio.Protocol):
                                        f"({self.limits.max_header_size} bytes)")
 
     def eof_received(self) -> bool:
+        if self.transport is not None and self.transport.get_extra_info("sslcontext"):
+            # TLS has no half-close: the client's close_notify ends the connection.
+            if self.tunnel is not None:
+                self.tunnel.lost("client")
+            return False
         if self.tunnel is not None:
             return self.tunnel.client_eof()
         current = self._current
@@ -527,10 +532,6 @@ class Connection(asyncio.Protocol):
             self._drain_waiter = None
             if not waiter.done():
                 waiter.set_exception(ClientError("the client closed the connection"))
-        if self.server._idle_waiter is not None and not self.server.connections:
-            waiter = self.server._idle_waiter
-            if not waiter.done():
-                waiter.set_result(None)
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -949,21 +950,31 @@ class HttpServer:
         self.loop = asyncio.get_running_loop()
         self.connections: set[Connection] = set()
         self.closing = False
+        #: "https" once listening with TLS (same-origin checks, X-Forwarded-Proto).
+        self.scheme = "http"
         self._servers: list[asyncio.base_events.Server] = []
-        self._idle_waiter: asyncio.Future[None] | None = None
 
     def protocol(self) -> Connection:
         return Connection(self)
 
     async def listen(self, host: str, port: int, *, reuse_port: bool = False,
-                     backlog: int = 1024, sock: socket.socket | None = None
-                     ) -> tuple[str, int]:
-        """Start listening; returns the bound (host, port)."""
+                     backlog: int = 1024, sock: socket.socket | None = None,
+                     ssl: Any = None) -> tuple[str, int]:
+        """Start listening (with TLS when ``ssl`` is an SSLContext; the handshake must
+        finish within ``header_timeout``); returns the bound (host, port)."""
+        tls: dict[str, Any] = {}
+        if ssl is not None:
+            self.scheme = "https"
+            # A closing TLS connection waits for the client's close_notify: bounded.
+            tls = {"ssl": ssl, "ssl_handshake_timeout": self.limits.header_timeout,
+                   "ssl_shutdown_timeout": min(self.limits.header_timeout, 5.0)}
         if sock is not None:
-            server = await self.loop.create_server(self.protocol, sock=sock, backlog=backlog)
+            server = await self.loop.create_server(self.protocol, sock=sock, backlog=backlog,
+                                                   **tls)
         else:
             server = await self.loop.create_server(
                 self.protocol, host, port, backlog=backlog, reuse_port=reuse_port or None,
+                **tls,
             )
         self._servers.append(server)
         bound = server.sockets[0].getsockname()
@@ -979,16 +990,15 @@ class HttpServer:
         for conn in list(self.connections):
             if conn.idle:
                 conn.close()
-        if self.connections and grace > 0:
-            self._idle_waiter = self.loop.create_future()
-            try:
-                async with asyncio.timeout(grace):
-                    await self._idle_waiter
-            except TimeoutError:
-                pass
-            finally:
-                self._idle_waiter = None
+        deadline = self.loop.time() + grace
+        # Wait for the busy ones (a closed TLS connection still finishing its
+        # close_notify exchange is not busy).
+        while self.loop.time() < deadline and any(
+            c.state != _CLOSED for c in self.connections
+        ):
+            await asyncio.sleep(min(0.05, max(0.0, deadline - self.loop.time())))
         left = list(self.connections)
+        busy = [conn for conn in left if conn.state != _CLOSED]
         tasks = [conn._task for conn in left if conn._task is not None]
         for task in tasks:
             task.cancel()
@@ -996,8 +1006,8 @@ class HttpServer:
             await asyncio.wait(tasks, timeout=0.5)
         for conn in left:
             conn.abort()
-        if on_cut is not None and left:
-            on_cut(len(left))
+        if on_cut is not None and busy:
+            on_cut(len(busy))
         for server in self._servers:
             try:
                 async with asyncio.timeout(0.2):

@@ -52,6 +52,7 @@ import gc
 import logging
 import os
 import signal
+import ssl
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -70,6 +71,7 @@ from .logs import (
     event_line,
     setup_logging,
 )
+from .metrics import Metrics
 from .upstream import (
     ConnectError,
     ConnectionFailed,
@@ -182,6 +184,31 @@ def _request_view(request: Request, path: str, websocket: bool = False) -> Reque
     )
 
 
+class _Policy:
+    """Everything a request reads from the policy, swapped as one on a reload: the
+    router, the routes' upstream timeouts, and the preflight answers cached for it."""
+
+    __slots__ = ("router", "route_timeouts", "preflights")
+
+    def __init__(self, config: Config) -> None:
+        self.router: Router = config.router
+        #: pool.request keywords by route path as written.
+        self.route_timeouts: dict[str | None, dict[str, float | None]] = {}
+        for route in config.routes:
+            own = route.upstream
+            if own is None:
+                continue
+            kwargs: dict[str, float | None] = {}
+            if own.timeout is not None:
+                kwargs["timeout"] = own.timeout
+            if own.read_timeout_set:
+                kwargs["read_timeout"] = own.read_timeout
+            if kwargs:
+                self.route_timeouts[route.path] = kwargs
+        #: Whole preflight answers by (route, Origin lines, ACRM, ACRH lines, ACRPN).
+        self.preflights: dict[tuple, _Preflight | None] = {}
+
+
 class Proxy:
     """The application behind :class:`~corsproxy.httpserver.HttpServer`: decides,
     answers or forwards, and logs (one per listening process)."""
@@ -196,7 +223,8 @@ class Proxy:
                 f"or pass --upstream URL"
             )
         self.config = config
-        self.router: Router = config.router
+        #: The policy in force; a reload swaps it whole (:meth:`swap`).
+        self.policy = _Policy(config)
         self.target = UpstreamTarget(config.upstream.url)
         self.preserve_host = config.upstream.preserve_host
         self.max_body_size = config.listen.max_body_size
@@ -204,27 +232,35 @@ class Proxy:
         self.timeout = config.upstream.timeout
         self.read_timeout = config.upstream.read_timeout
         self.ws_idle_timeout = config.websocket.idle_timeout
-        #: Per-route upstream timeouts (pool.request keywords) by route path as written.
-        self.route_timeouts: dict[str | None, dict[str, float | None]] = {}
-        for route in config.routes:
-            own = route.upstream
-            if own is None:
-                continue
-            kwargs: dict[str, float | None] = {}
-            if own.timeout is not None:
-                kwargs["timeout"] = own.timeout
-            if own.read_timeout_set:
-                kwargs["read_timeout"] = own.read_timeout
-            if kwargs:
-                self.route_timeouts[route.path] = kwargs
         self.log_format = log_format
         self.pool: UpstreamPool | None = None
         #: Where access lines go: the ``corsproxy.access`` logger, or a batching
         #: writer straight to stderr (:func:`corsproxy.logs.access_writer`).
         self.write_access: Callable[[str], Any] = write_access or ACCESS_LOGGER.info
-        #: Whole preflight answers by (route, Origin lines, ACRM, ACRH lines, ACRPN).
-        self.preflights: dict[tuple, _Preflight | None] = {}
         self.closing = False
+        #: Prometheus metrics (``corsproxy.metrics``), rendered by the admin listener.
+        self.metrics = Metrics()
+
+    def reload_result(self, ok: bool) -> None:
+        """A config reload's outcome (``corsproxy.reload`` reports it), for the metrics."""
+        if ok:
+            self.metrics.reload_succeeded()
+        else:
+            self.metrics.reload_failed()
+
+    @property
+    def router(self) -> Router:
+        return self.policy.router
+
+    @property
+    def preflights(self) -> dict[tuple, _Preflight | None]:
+        return self.policy.preflights
+
+    def swap(self, config: Config) -> None:
+        """Use ``config``'s policy for new requests (a reload); requests in flight
+        keep the one they started with."""
+        self.config = config
+        self.policy = _Policy(config)
 
     async def open(self) -> None:
         upstream = self.config.upstream
@@ -235,6 +271,7 @@ class Proxy:
             read_timeout=upstream.read_timeout,
             max_connections=upstream.max_connections,
             idle_timeout=upstream.idle_timeout,
+            ssl=_upstream_tls(self.config) if self.target.url.startswith("https:") else None,
         )
 
     async def close(self) -> None:
@@ -257,13 +294,13 @@ class Proxy:
         if request.method != "OPTIONS" or request.has_body:
             return None
         path = target.partition("?")[0]
-        cached = self._preflight(request, path)
+        cached = self._preflight(self.policy, request, path)
         if cached is None:
             return None
+        elapsed = time.perf_counter() - request.started
+        self.metrics.request(cached.decision, elapsed, request)
         if ACCESS_LOGGER.isEnabledFor(logging.INFO):
-            self.write_access(cached.log.line(
-                request.remote, path, round((time.perf_counter() - request.started) * 1000, 3)
-            ))
+            self.write_access(cached.log.line(request.remote, path, round(elapsed * 1000, 3)))
         return cached.head + date_line() + cached.tail
 
     def refuse(self, request: Request, status: int, message: str) -> bytes:
@@ -283,11 +320,12 @@ class Proxy:
         entry = _Log()
         entry.error = message
         entry.status = status
-        self._log_access(request, path, decision, entry)
+        self._log_access(request, path, decision, entry, refused=True)
         return data
 
     def log_refusal(self, remote: str | None, status: int, message: str) -> None:
         """A request answered before it could be parsed (408, 431, 505, 400)."""
+        self.metrics.refused_head()
         if not ACCESS_LOGGER.isEnabledFor(logging.INFO):
             return
         fields: dict[str, Any] = {
@@ -302,16 +340,17 @@ class Proxy:
         path = target.partition("?")[0]
         entry = _Log()
         decision: Decision | None = None
+        policy = self.policy  # the request keeps this one, whatever a reload does
         try:
             websocket = request.upgrade and is_handshake(request)
-            decision = self.router.decide(_request_view(request, path, websocket))
+            decision = policy.router.decide(_request_view(request, path, websocket))
             if decision.status is not None:
                 entry.status = decision.status
                 response.whole(
                     _own_response(decision, decision.status, decision.body), decision.status
                 )
             else:
-                await self._forward(request, response, decision, target, entry)
+                await self._forward(request, response, decision, target, entry, policy)
         except asyncio.CancelledError:
             if entry.tunnel is not None:
                 entry.tunnel.close("shutdown" if self.closing else "client")
@@ -354,7 +393,7 @@ class Proxy:
         )
 
     async def _forward(self, request: Request, response: Response, decision: Decision,
-                       target: str, entry: _Log) -> None:
+                       target: str, entry: _Log, policy: _Policy) -> None:
         limit = self.max_body_size
         length = request.content_length
         if limit is not None and length is not None and length > limit:
@@ -381,7 +420,7 @@ class Proxy:
             # (the Sec-WebSocket-* headers passed as end-to-end ones).
             headers.append(("Connection", "Upgrade"))
             headers.extend(("Upgrade", v) for v in request.get_all("upgrade"))
-        timeouts = self.route_timeouts.get(decision.route)
+        timeouts = policy.route_timeouts.get(decision.route)
         # The target goes upstream byte for byte (a fragment is never sent).
         path = self.target.base_path + target.partition("#")[0]
         body = _RequestBody(request, limit) if request.has_body else None
@@ -437,7 +476,9 @@ class Proxy:
         entry.tunnel = tunnel
         client_tail = response.switch(head + _CRLF, tunnel)
         tunnel.start(client_tail, upstream_tail)
-        await tunnel.done
+        # Shielded: a cancellation (the end of the shutdown grace) must reach the
+        # handler, which closes the tunnel and records why, not the tunnel's future.
+        await asyncio.shield(tunnel.done)
 
     def _upstream_error(self, response: Response, decision: Decision, entry: _Log,
                         body: _RequestBody | None, exc: UpstreamError,
@@ -456,6 +497,7 @@ class Proxy:
             status = 408 if "body_timeout" in str(client_error) else 400
             return self._error(response, decision, entry, status, str(client_error),
                                "the upstream connection was dropped")
+        self.metrics.upstream_error(exc)
         if isinstance(exc, PoolTimeout):
             return self._error(
                 response, decision, entry, 503,
@@ -538,6 +580,7 @@ class Proxy:
                 # Too late for a status: cut the client connection so it sees an
                 # incomplete body instead of a clean (truncated) end.
                 entry.error = f"upstream failed while sending the body: {exc}"
+                self.metrics.upstream_error(exc)
                 upstream.close()
                 response.abort()
                 return
@@ -551,7 +594,7 @@ class Proxy:
 
     # -- preflights from precomputed answers -------------------------------------------
 
-    def _preflight(self, request: Request, path: str) -> _Preflight | None:
+    def _preflight(self, policy: _Policy, request: Request, path: str) -> _Preflight | None:
         """The cached answer for a preflight (deciding and caching it on a miss), or
         None when this is no preflight or its values are too large to cache."""
         acrm = request.get_all("access-control-request-method")
@@ -560,10 +603,10 @@ class Proxy:
             return None
         acrh = request.get_all("access-control-request-headers")
         acrpn = request.get("access-control-request-private-network")
-        router = self.router
+        router = policy.router
         route = router.select(path)[0] if router.routes else None
         key = (route, *origin, "\0", *acrm, "\0", *acrh, "\0", acrpn)
-        cache = self.preflights
+        cache = policy.preflights
         try:
             return cache[key]
         except KeyError:
@@ -585,10 +628,13 @@ class Proxy:
 
     # -- logging ----------------------------------------------------------------------------
 
-    def _log_access(self, request: Request, path: str, decision: Decision, entry: _Log) -> None:
+    def _log_access(self, request: Request, path: str, decision: Decision, entry: _Log,
+                    refused: bool = False) -> None:
+        """The access line, and the request's metrics (``refused``: before routing)."""
+        elapsed = time.perf_counter() - request.started
+        self.metrics.request(decision, elapsed, request, refused)
         if not ACCESS_LOGGER.isEnabledFor(logging.INFO):
             return
-        elapsed = time.perf_counter() - request.started
         fields: dict[str, Any] = {
             "client": request.remote,
             "method": request.method,
@@ -670,6 +716,26 @@ def limits_of(config: Config) -> Limits:
     )
 
 
+def _server_tls(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """HTTPS for the listener: TLS 1.2 or later, HTTP/1.1 offered by ALPN."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["http/1.1"])
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+def _upstream_tls(config: Config) -> ssl.SSLContext:
+    """The context for an https upstream: the system's CAs, or upstream.ca_file's;
+    no checks at all with upstream.tls_insecure_skip_verify. SNI is the URL's host."""
+    upstream = config.upstream
+    context = ssl.create_default_context(cafile=upstream.ca_file)
+    if upstream.tls_insecure_skip_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 class ProxyServer:
     """The proxy listening on ``config.listen`` (``corsproxy run`` and the tests run
     this same object): ``await start()``, then ``await stop()``."""
@@ -681,24 +747,55 @@ class ProxyServer:
         self.server: HttpServer | None = None
         self.host = config.listen.host
         self.port = config.listen.port
+        #: The listener's TLS context (listen.tls), and the newest certificate's context
+        #: that new handshakes switch to (rotation, :meth:`reload`).
+        self.tls_context: ssl.SSLContext | None = None
+        self._tls_current: ssl.SSLContext | None = None
+        #: Readiness (the admin listener's /readyz): listening, and not stopping.
+        self.listening = False
+        self.stopping = False
 
     async def start(self, *, reuse_port: bool = False) -> tuple[str, int]:
         """Open the upstream pool and listen; returns the bound (host, port).
         Raises OSError when the address can't be used."""
         await self.proxy.open()
         self.server = HttpServer(self.proxy, limits_of(self.config))
+        tls = self.config.listen.tls
+        if tls is not None:
+            self.tls_context = _server_tls(tls.cert_file, tls.key_file)
+            self.tls_context.sni_callback = self._pick_tls
         try:
             self.host, self.port = await self.server.listen(
-                self.config.listen.host, self.config.listen.port, reuse_port=reuse_port
+                self.config.listen.host, self.config.listen.port, reuse_port=reuse_port,
+                ssl=self.tls_context,
             )
         except OSError:
             await self.proxy.close()
             raise
+        self.listening = True
         return self.host, self.port
+
+    def reload(self, config: Config) -> None:
+        """A reload: the certificate files read again into a new context (rotation:
+        new handshakes use it, open connections keep theirs), then the new policy for
+        new requests. A certificate that fails to load raises before anything changes."""
+        tls = self.config.listen.tls
+        if self.tls_context is not None and tls is not None:
+            self._tls_current = _server_tls(tls.cert_file, tls.key_file)
+        self.proxy.swap(config)
+
+    def _pick_tls(self, sock: ssl.SSLObject, name: str | None, context: ssl.SSLContext
+                  ) -> None:
+        """SNI callback of the listening context: hand each new handshake the newest
+        certificate (a context swapped in by :meth:`reload`)."""
+        current = self._tls_current
+        if current is not None and current is not context:
+            sock.context = current
 
     async def stop(self, grace: float | None = None) -> int:
         """Stop accepting; in-flight requests get ``grace`` seconds (default
         ``listen.shutdown_grace``), then are cut. Returns how many were cut."""
+        self.stopping = True  # first: /readyz answers 503 from now on
         if grace is None:
             grace = self.config.listen.shutdown_grace
         cut = [0]
@@ -716,6 +813,7 @@ async def serve(
     stop: asyncio.Event | None = None,
     ready: Any = None,
     reuse_port: bool = False,
+    load: Callable[[], Config] | None = None,
 ) -> int:
     """Run the proxy until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None),
     then shut down gracefully: stop accepting, give in-flight requests exactly
@@ -728,18 +826,29 @@ async def serve(
     loop = asyncio.get_running_loop()
     writer = access_writer()
     server = ProxyServer(config, log_format=log_format, write_access=writer)
+    from .admin import admin_fields, admin_note, open_admin
+
+    # The admin listener first: /readyz answers 503 until the proxy listens.
+    admin, problem = await open_admin(server, reuse_port=reuse_port)
+    if problem is not None:
+        _event(log_format, "error", problem)
+        return 1
     host, port = config.listen.host, config.listen.port
     try:
         bound = await server.start(reuse_port=reuse_port)
     except OSError as exc:
         _event(log_format, "error", f"cannot listen on {host}:{port}: {describe_error(exc)}; "
                                     f"pick another address with --host/--port or listen.port")
+        if admin is not None:
+            await admin.stop()
         return 1
     loop_name = type(loop).__module__.partition(".")[0]  # "uvloop" or "asyncio"
-    _event(log_format, "listening", f"corsproxy listening on http://{_hostport(*bound)}, "
-                                    f"forwarding to {config.upstream.url} ({loop_name})",
+    scheme = "https" if config.listen.tls else "http"
+    _event(log_format, "listening", f"corsproxy listening on {scheme}://{_hostport(*bound)}, "
+                                    f"forwarding to {config.upstream.url} ({loop_name})"
+                                    f"{admin_note(admin)}",
            host=bound[0], port=bound[1], upstream=config.upstream.url, loop=loop_name,
-           pid=os.getpid())
+           pid=os.getpid(), **admin_fields(admin))
     if ready is not None:
         ready(bound[0], bound[1])
     own_signals = stop is None
@@ -748,9 +857,23 @@ async def serve(
     if own_signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+    reloader = None
+    if load is not None:  # SIGHUP and file changes reload the policy (corsproxy.reload)
+        from .reload import Reloader
+
+        reloader = Reloader(
+            config, load, server.reload,
+            lambda event, message, **fields: _event(log_format, event, message, **fields),
+            getattr(server.proxy, "reload_result", None),
+        )
+        reloader.start()
+        loop.add_signal_handler(signal.SIGHUP, reloader.reload)
     grace = config.listen.shutdown_grace
     try:
         await stop.wait()
+        if reloader is not None:
+            reloader.stop()
+            loop.remove_signal_handler(signal.SIGHUP)
         _event(log_format, "stopping", f"stopping: no new connections; in-flight requests get "
                                        f"{grace:g} s (listen.shutdown_grace)")
         cut = await server.stop(grace)
@@ -759,6 +882,8 @@ async def serve(
                                       f"listen.shutdown_grace ({grace:g} s) were closed",
                    connections=cut)
     finally:
+        if admin is not None:  # after the proxy's grace: /readyz said 503 all along
+            await admin.stop()
         if own_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
@@ -802,7 +927,8 @@ def _raise_fd_limit() -> None:
         pass
 
 
-def run_server(config: Config, *, log_format: str = "text", reuse_port: bool = False) -> int:
+def run_server(config: Config, *, log_format: str = "text", reuse_port: bool = False,
+               load: Callable[[], Config] | None = None) -> int:
     """Run the proxy in the foreground until SIGTERM/SIGINT; returns the exit code.
 
     With ``listen.workers`` above 1 (or ``auto`` on a machine with several cores)
@@ -813,7 +939,7 @@ def run_server(config: Config, *, log_format: str = "text", reuse_port: bool = F
 
         count = resolve_workers(config.listen.workers)
         if count > 1:
-            return run_workers(config, log_format=log_format, count=count)
+            return run_workers(config, log_format=log_format, count=count, load=load)
     setup_logging(log_format)
     _raise_fd_limit()
     # Everything loaded so far (the policy, pydantic) lives as long as the process:
@@ -822,7 +948,9 @@ def run_server(config: Config, *, log_format: str = "text", reuse_port: bool = F
     gc.collect()
     gc.freeze()
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        return runner.run(serve(config, log_format=log_format, reuse_port=reuse_port))
+        return runner.run(
+            serve(config, log_format=log_format, reuse_port=reuse_port, load=load)
+        )
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m corsproxy run` is the entry point

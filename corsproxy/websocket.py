@@ -59,6 +59,9 @@ class _UpstreamSide(asyncio.Protocol):
         self.tunnel.from_upstream(data)
 
     def eof_received(self) -> bool:
+        if self.tunnel.upstream.get_extra_info("sslcontext"):
+            self.tunnel.lost("upstream")  # TLS has no half-close
+            return False
         return self.tunnel.upstream_eof()
 
     def connection_lost(self, exc: BaseException | None) -> None:

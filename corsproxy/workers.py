@@ -16,6 +16,12 @@ A worker that exits on its own (a crash) is reported in one log line and replace
 When more than :data:`MAX_RESTARTS` workers die within :data:`RESTART_WINDOW`
 seconds, the parent gives up: it stops the remaining workers and exits 1.
 
+The admin port (``admin.port``) is held the same way, and every worker's admin
+listener joins it; before forking, the parent points prometheus-client's
+multiprocess mode at a fresh temporary directory (``PROMETHEUS_MULTIPROC_DIR``,
+removed at exit), so any worker's ``/metrics`` shows the totals
+(:mod:`corsproxy.metrics`). A dead worker's live gauges are dropped there.
+
 Linux and other systems with ``SO_REUSEPORT`` and ``fork`` only.
 """
 
@@ -23,9 +29,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +48,8 @@ __all__ = ["MAX_RESTARTS", "RESTART_WINDOW", "resolve_workers", "run_workers"]
 MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: The admin port's socket while the parent holds it (closed in each worker).
+_held_admin: list[socket.socket] = []
 
 
 def resolve_workers(workers: int) -> int:
@@ -68,16 +78,18 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _worker(config: Config, log_format: str, held: socket.socket) -> int:
+def _worker(config: Config, log_format: str, held: socket.socket, load: Any = None) -> int:
     """In the forked child: the ordinary server, sharing the port."""
     from .server import run_server
 
     held.close()
-    return run_server(config, log_format=log_format, reuse_port=True)
+    for sock in _held_admin:  # the admin port: the worker binds its own
+        sock.close()
+    return run_server(config, log_format=log_format, reuse_port=True, load=load)
 
 
 def _start(config: Config, log_format: str, held: socket.socket, workers: dict[int, int],
-           number: int) -> None:
+           number: int, load: Any = None) -> None:
     """Fork worker ``number``. The stop signals are blocked around the fork, so the
     parent's forwarding handler never runs in a child and never misses a new pid."""
     sys.stderr.flush()
@@ -94,8 +106,10 @@ def _start(config: Config, log_format: str, held: socket.socket, workers: dict[i
         try:
             for sig in _STOP_SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
+            # A SIGHUP before the worker's own reload handler is set must not kill it.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-            code = _worker(config, log_format, held)
+            code = _worker(config, log_format, held, load)
         except BaseException as exc:  # never let a child fall back into the parent's loop
             _say(log_format, "error", f"worker {os.getpid()} failed: {type(exc).__name__}: {exc}")
         finally:
@@ -115,7 +129,8 @@ def _describe_exit(status: int) -> tuple[str, bool]:
     return f"exited with code {code}", code == 0
 
 
-def run_workers(config: Config, *, log_format: str = "text", count: int) -> int:
+def run_workers(config: Config, *, log_format: str = "text", count: int,
+                load: Any = None) -> int:
     """Run ``count`` worker processes on ``config.listen``; returns the exit code."""
     setup_logging(log_format)
     host, port = config.listen.host, config.listen.port
@@ -129,6 +144,24 @@ def run_workers(config: Config, *, log_format: str = "text", count: int) -> int:
         return 1
     port = held.getsockname()[1]
     config = dataclasses.replace(config, listen=dataclasses.replace(config.listen, port=port))
+    # The admin port, held the same way; every worker's admin listener joins it, and
+    # their metrics are summed through files in a fresh directory (corsproxy.metrics).
+    admin = config.admin
+    metrics_dir: str | None = None
+    if admin.port is not None:
+        from .admin import cannot_listen
+        from .metrics import enable_multiprocess
+
+        try:
+            _held_admin.append(_bind(admin.host, admin.port))
+        except OSError as exc:
+            held.close()
+            _say(log_format, "error", cannot_listen(admin.host, admin.port, exc))
+            return 1
+        admin_port = _held_admin[-1].getsockname()[1]
+        config = dataclasses.replace(config, admin=dataclasses.replace(admin, port=admin_port))
+        metrics_dir = tempfile.mkdtemp(prefix="corsproxy-metrics-")
+        enable_multiprocess(metrics_dir)  # before any fork
 
     stopping: list[int] = []  # the signal that asked us to stop, once one did
     workers: dict[int, int] = {}  # pid -> worker number
@@ -141,7 +174,15 @@ def run_workers(config: Config, *, log_format: str = "text", count: int) -> int:
             except ProcessLookupError:
                 pass
 
+    def reload(signum: int, frame: Any) -> None:
+        for pid in list(workers):  # each worker reloads (and validates) by itself
+            try:
+                os.kill(pid, signal.SIGHUP)
+            except ProcessLookupError:
+                pass
+
     previous = {sig: signal.signal(sig, forward) for sig in _STOP_SIGNALS}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, reload)
     _say(log_format, "workers", f"corsproxy starting {count} worker processes on port {port} "
                                 f"(listen.workers)", workers=count, port=port, pid=os.getpid())
     deaths: list[float] = []
@@ -150,7 +191,7 @@ def run_workers(config: Config, *, log_format: str = "text", count: int) -> int:
         for number in range(count):
             if stopping:
                 break
-            _start(config, log_format, held, workers, number)
+            _start(config, log_format, held, workers, number, load)
         while workers:
             try:
                 pid, status = os.waitpid(-1, 0)
@@ -159,6 +200,10 @@ def run_workers(config: Config, *, log_format: str = "text", count: int) -> int:
             number = workers.pop(pid, None)
             if number is None:
                 continue
+            if metrics_dir is not None:
+                from .metrics import worker_exited
+
+                worker_exited(pid)
             words, clean = _describe_exit(status)
             if stopping:
                 failed = failed or not clean
@@ -174,10 +219,14 @@ def run_workers(config: Config, *, log_format: str = "text", count: int) -> int:
                 continue
             _say(log_format, "worker-exit", f"worker {pid} {words}; starting a new one",
                  pid=pid)
-            _start(config, log_format, held, workers, number)
+            _start(config, log_format, held, workers, number, load)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         held.close()
+        while _held_admin:
+            _held_admin.pop().close()
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     _say(log_format, "stopped", f"corsproxy stopped ({count} workers)")
     return 1 if failed else 0

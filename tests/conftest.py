@@ -333,11 +333,14 @@ def config_text(
     routes: list | None = None,
     listen: dict | None = None,
     upstream: dict | None = None,
+    admin: dict | None = None,
 ) -> str:
     data: dict[str, Any] = {
         "listen": {"host": "127.0.0.1", "port": 0, **(listen or {})},
         "upstream": {"url": upstream_url, "connect_timeout": 2, "timeout": 10, **(upstream or {})},
         "cors": cors if cors is not None else {"allow_origins": ["https://app.example.com"]},
+        # Off unless a test asks: processes started at once would share its default port.
+        "admin": admin if admin is not None else {"port": None},
     }
     if routes:
         data["routes"] = routes

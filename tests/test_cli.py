@@ -578,16 +578,51 @@ async def test_healthcheck_unhealthy_on_another_status(aiohttp_server):
 
 
 async def test_healthcheck_takes_the_address_from_the_config(aiohttp_server, tmp_path):
+    """With the admin listener off, the preflight goes to listen.host/port."""
     seen: list = []
     server = await aiohttp_server(preflight_server(200, seen))
     path = tmp_path / "c.yaml"
-    path.write_text(f"listen: {{host: 0.0.0.0, port: {server.port}}}\n")
+    path.write_text(f"listen: {{host: 0.0.0.0, port: {server.port}}}\nadmin: {{port: null}}\n")
     code, out, _ = await corsproxy_async("healthcheck", "--config", str(path))
     assert (code, out) == (
         0,
         f"healthy: http://127.0.0.1:{server.port}/ answered the preflight with 200\n",
     )
     assert len(seen) == 1
+
+
+def healthz_server(status: int, seen: list) -> web.Application:
+    async def handler(request: web.Request) -> web.Response:
+        seen.append((request.method, request.path_qs))
+        return web.Response(status=status, text="ok")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    return app
+
+
+async def test_healthcheck_asks_the_admin_listeners_healthz(aiohttp_server, tmp_path):
+    seen: list = []
+    server = await aiohttp_server(healthz_server(200, seen))
+    path = tmp_path / "c.yaml"
+    path.write_text(f"admin: {{host: 0.0.0.0, port: {server.port}}}\n")
+    code, out, err = await corsproxy_async("healthcheck", "--config", str(path))
+    url = f"http://127.0.0.1:{server.port}/healthz"
+    assert (code, out, err) == (0, f"healthy: {url} answered 200\n", "")
+    assert seen == [("GET", "/healthz")]
+
+
+async def test_healthcheck_unhealthy_when_healthz_answers_another_status(aiohttp_server,
+                                                                          tmp_path):
+    server = await aiohttp_server(healthz_server(503, []))
+    path = tmp_path / "c.yaml"
+    path.write_text(f"admin: {{port: {server.port}}}\n")
+    code, out, err = await corsproxy_async("healthcheck", "--config", str(path))
+    assert (code, out) == (1, "")
+    assert err == (
+        f"unhealthy: http://127.0.0.1:{server.port}/healthz answered 503 Service Unavailable; "
+        "corsproxy's admin listener answers 200 (is something else on admin.port?)\n"
+    )
 
 
 def test_healthcheck_unhealthy_when_nothing_listens():
@@ -612,9 +647,10 @@ def test_run_serves_and_passes_healthcheck_then_stops_on_sigterm(tmp_path):
     """A real `corsproxy run`: the health preflight is answered by the proxy itself
     (the upstream port has nothing listening), then SIGTERM stops it with exit 0."""
     pytest.importorskip("corsproxy.server")
-    port, dead_upstream = free_port(), free_port()
+    port, dead_upstream, admin_port = free_port(), free_port(), free_port()
     path = tmp_path / "run.yaml"
-    path.write_text("listen: {shutdown_grace: 1}\ncors: {allow_origins: [https://a.example]}\n")
+    path.write_text(f"listen: {{shutdown_grace: 1}}\nadmin: {{port: {admin_port}}}\n"
+                    f"cors: {{allow_origins: [https://a.example]}}\n")
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -648,6 +684,11 @@ def test_run_serves_and_passes_healthcheck_then_stops_on_sigterm(tmp_path):
         assert (result.returncode, result.stdout) == (
             0,
             f"healthy: http://127.0.0.1:{port}/ answered the preflight with 400\n",
+        )
+        result = corsproxy("healthcheck", "--config", str(path))  # the admin listener
+        assert (result.returncode, result.stdout) == (
+            0,
+            f"healthy: http://127.0.0.1:{admin_port}/healthz answered 200\n",
         )
     finally:
         proc.send_signal(signal.SIGTERM)

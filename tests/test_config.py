@@ -38,7 +38,8 @@ STAR_FIX = (
 )
 CORS_KEYS = (
     "allow_origins, allow_origin_regex, allow_methods, allow_headers, allow_credentials, "
-    "expose_headers, max_age, allow_private_network, enforce, check_websocket_origin"
+    "expose_headers, max_age, allow_private_network, enforce, allow_origins_file, "
+    "check_websocket_origin"
 )
 WILDCARD_RULE = (
     '"*" is only allowed as the whole value "*" or as a leading "*." label after the scheme, '
@@ -73,13 +74,13 @@ BAD_FILES = [
         "routes: [{path: /a, cros: {}}, {path: /b, cors: {colour: x}}]\n",
         [
             "FILE: cros: unknown key; did you mean cors? allowed keys here: listen, upstream, "
-            "cors, routes, websocket",
+            "cors, routes, websocket, admin",
             "FILE: listen.prot: unknown key; did you mean port? allowed keys here: host, port, "
             "max_body_size, shutdown_grace, workers, header_timeout, keepalive_timeout, "
-            "body_timeout, send_timeout, max_header_size",
+            "body_timeout, send_timeout, max_header_size, tls",
             "FILE: upstream.uri: unknown key; did you mean url? allowed keys here: url, "
-            "connect_timeout, timeout, preserve_host, max_connections, idle_timeout, "
-            "read_timeout",
+            "connect_timeout, timeout, preserve_host, ca_file, tls_insecure_skip_verify, "
+            "max_connections, idle_timeout, read_timeout",
             "FILE: routes[0].cros: unknown key; did you mean cors? allowed keys here: path, cors, "
             "upstream",
             f"FILE: routes[1].cors.colour: unknown key; allowed keys here: {CORS_KEYS}",
