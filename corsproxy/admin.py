@@ -46,6 +46,7 @@ from urllib.parse import urlsplit
 from ._wire import date_line, reason_phrase
 from .core import DEFAULT_PORTS
 from .httpserver import HttpServer, Limits, Request, Response
+from .logs import describe_error
 from .metrics import CONTENT_TYPE, DENIED_KEPT, REFRESH
 
 if TYPE_CHECKING:
@@ -111,7 +112,6 @@ def _hostport(host: str, port: int) -> str:
 
 def cannot_listen(host: str, port: int, exc: OSError) -> str:
     """The one log line for an admin address that can't be used."""
-    from .server import describe_error
 
     return (f"cannot listen on {_hostport(host, port)} for the admin endpoints: "
             f"{describe_error(exc)}; pick another admin.port (or admin.port: null to turn "
@@ -221,7 +221,6 @@ class AdminApp:
             problem = (f"no connection to the upstream {where} within upstream.connect_timeout "
                        f"({self.connect_timeout:g} s)")
         except OSError as exc:
-            from .server import describe_error
 
             problem = f"cannot connect to the upstream {where}: {describe_error(exc)}"
         finally:

@@ -36,6 +36,7 @@ __all__ = [
     "AccessWriter",
     "access_line",
     "access_writer",
+    "describe_error",
     "setup_logging",
 ]
 
@@ -233,6 +234,14 @@ def access_writer() -> Any:
     if stream is None:
         return ACCESS_LOGGER.info
     return AccessWriter(stream)
+
+
+def describe_error(exc: BaseException) -> str:
+    """An exception in a few words for a response body or a log line."""
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno).lower()  # "connection refused", not asyncio's text
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
 
 
 def event_line(log_format: str, event: str, message: str, **fields: Any) -> str:

@@ -68,6 +68,7 @@ from .logs import (
     AccessTemplate,
     access_line,
     access_writer,
+    describe_error,
     event_line,
     setup_logging,
 )
@@ -690,14 +691,6 @@ class _RequestBody:
                 self.too_large = True
                 raise _BodyTooLarge
             yield chunk
-
-
-def describe_error(exc: BaseException) -> str:
-    """An exception in a few words for a response body or a log line."""
-    if isinstance(exc, OSError) and exc.errno:
-        return os.strerror(exc.errno).lower()  # "connection refused", not asyncio's text
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
 
 
 # ---------------------------------------------------------------------------

@@ -137,7 +137,7 @@ def run_workers(config: Config, *, log_format: str = "text", count: int,
     try:
         held = _bind(host, port)
     except OSError as exc:
-        from .server import describe_error
+        from .logs import describe_error
 
         _say(log_format, "error", f"cannot listen on {host}:{port}: {describe_error(exc)}; "
                                   f"pick another address with --host/--port or listen.port")
