@@ -835,15 +835,8 @@ async def serve(
         if admin is not None:
             await admin.stop()
         return 1
-    loop_name = type(loop).__module__.partition(".")[0]  # "uvloop" or "asyncio"
-    scheme = "https" if config.listen.tls else "http"
-    _event(log_format, "listening", f"corsproxy listening on {scheme}://{_hostport(*bound)}, "
-                                    f"forwarding to {config.upstream.url} ({loop_name})"
-                                    f"{admin_note(admin)}",
-           host=bound[0], port=bound[1], upstream=config.upstream.url, loop=loop_name,
-           pid=os.getpid(), **admin_fields(admin))
-    if ready is not None:
-        ready(bound[0], bound[1])
+    # Signals are handled before the listening line: whoever reads that line may
+    # send SIGTERM or SIGHUP at once.
     own_signals = stop is None
     if stop is None:
         stop = asyncio.Event()
@@ -861,6 +854,15 @@ async def serve(
         )
         reloader.start()
         loop.add_signal_handler(signal.SIGHUP, reloader.reload)
+    loop_name = type(loop).__module__.partition(".")[0]  # "uvloop" or "asyncio"
+    scheme = "https" if config.listen.tls else "http"
+    _event(log_format, "listening", f"corsproxy listening on {scheme}://{_hostport(*bound)}, "
+                                    f"forwarding to {config.upstream.url} ({loop_name})"
+                                    f"{admin_note(admin)}",
+           host=bound[0], port=bound[1], upstream=config.upstream.url, loop=loop_name,
+           pid=os.getpid(), **admin_fields(admin))
+    if ready is not None:
+        ready(bound[0], bound[1])
     grace = config.listen.shutdown_grace
     try:
         await stop.wait()
