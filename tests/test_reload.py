@@ -24,6 +24,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -53,8 +54,11 @@ B = "https://b.example"
 C = "https://c.example"  # as long as B: [A, B] and [A, C] files have the same size
 EVIL = "https://evil.example"
 #: How long a change may take to be seen without a signal: one poll interval,
-#: plus one more for a write that lands just after a look, plus slack.
+#: plus one more for a write that lands just after a look, plus slack (asserted
+#: by the polling test).
 PICKUP = 2 * POLL_INTERVAL + 0.5
+#: The bound on waiting for a pick-up elsewhere: generous, for a busy machine.
+PATIENCE = 5.0
 #: Bound on waiting for one log line that should come at once.
 LINE = 5.0
 BODY = b"hello from upstream\n"
@@ -283,7 +287,7 @@ async def get_on_fresh(port: int, origin: str, path: str = "/") -> str:
     return get_verdict(response, origin)
 
 
-async def until_verdict(proxy: Proc, want: str, timeout: float = PICKUP,
+async def until_verdict(proxy: Proc, want: str, timeout: float = PATIENCE,
                         origin: str = B) -> float:
     """Ask every 20 ms until the preflight from ``origin`` gets ``want``; the seconds
     that took. AssertionError (with the proxy's events) when not within ``timeout``."""
@@ -356,8 +360,7 @@ async def test_a_changed_file_is_picked_up_without_a_signal(tmp_path, upstream, 
     assert await verdict(proxy.port) == "denied"
 
     write(path, policy(upstream.url, [A, B]))
-    took = await until_verdict(proxy, "allowed")
-    assert took < PICKUP
+    await until_verdict(proxy, "allowed", timeout=PICKUP)
     assert await verdict(proxy.port, A) == "allowed"
     lines = await proxy.wait_events("reloaded")
     assert lines[-1]["message"] == reloaded_message(path, f"{path} changed")
@@ -439,8 +442,9 @@ async def test_an_invalid_file_keeps_the_old_policy_until_a_valid_one(
         assert expected[0].startswith(f"{path}: cors.allow_origins[0]: \"*\" cannot be "
                                       f"combined with allow_credentials: true"), expected
     else:
-        assert "YAML syntax error" in expected[0], expected
-    (failed,) = await proxy.wait_events("reload-failed", timeout=PICKUP)
+        assert re.match(rf"{re.escape(str(path))}: line \d+, column \d+: YAML syntax error: ",
+                        expected[0]), expected
+    (failed,) = await proxy.wait_events("reload-failed", timeout=PATIENCE)
     n = len(expected)
     assert failed["message"] == (f"reload ({path} changed) failed: {n} error"
                                  f"{'s' if n != 1 else ''}; still serving the previous policy")
@@ -512,7 +516,7 @@ async def test_no_request_fails_while_the_policy_is_reloaded_under_load(tmp_path
                 proxy.signal(signal.SIGHUP)
             else:
                 write_replace(path, text)
-            await proxy.wait_events("reloaded", count=number, timeout=PICKUP + 1)
+            await proxy.wait_events("reloaded", count=number, timeout=PATIENCE)
             phases.append((changed, time.monotonic(), "allowed" if allowed else "denied"))
             assert not any(t.done() for t in tasks), [t for t in tasks if t.done()]
             await asyncio.sleep(0.3)
@@ -646,7 +650,7 @@ async def test_an_allow_origins_file_is_watched_too(tmp_path, upstream, proxies)
     # An invalid line: the old policy stays; the error names the file and the line.
     write_in_place(origins, "# the apps that may call us\nhttps://a2.example\n"
                             "https://b.example\nnot an origin\nhttps://c.example\n")
-    (failed,) = await proxy.wait_events("reload-failed", timeout=PICKUP)
+    (failed,) = await proxy.wait_events("reload-failed", timeout=PATIENCE)
     assert failed["message"] == (f"reload ({origins} changed) failed: 1 error; still serving "
                                  f"the previous policy")
     (error,) = proxy.events("reload-error")
@@ -687,7 +691,7 @@ async def test_every_worker_switches(tmp_path, upstream, proxies, trigger):
     else:
         write_replace(path, policy(upstream.url, [A, B], listen={"workers": 2}))
         why = f"{path} changed"
-    lines = await proxy.wait_events("reloaded", count=2, timeout=PICKUP)
+    lines = await proxy.wait_events("reloaded", count=2, timeout=PATIENCE)
     assert [e["message"] for e in lines] == [reloaded_message(path, why)] * 2
 
     # Fresh connections, so the kernel spreads them over both workers: all flipped.
