@@ -41,7 +41,7 @@ __all__ = ["POLL_INTERVAL", "RESTART_KEYS", "Reloader"]
 #: Seconds between two looks at the watched files.
 POLL_INTERVAL = 1.0
 #: Sections whose changes need a restart (kept as they run).
-RESTART_KEYS = ("listen", "upstream", "websocket", "admin", "log")
+RESTART_KEYS = ("listen", "upstream", "websocket", "admin")
 
 
 def _stamp(path: str) -> tuple[int, int, int, int] | None:
@@ -90,7 +90,17 @@ class Reloader:
         return {path: _stamp(path) for path in self._paths(config)}
 
     def start(self) -> None:
+        """Start polling. A policy that changed between the moment the running config
+        was read and now (start-up, or a worker forked with the parent's start-up
+        config after an earlier reload) is applied at once, not left for a change
+        that may never come."""
         self._loop = asyncio.get_running_loop()
+        running = self.config
+        loaded = self._loaded
+        if (loaded.cors, loaded.routes, loaded.watched_files) != (
+            running.cors, running.routes, running.watched_files
+        ):
+            self.reload("the file changed since this process read it")
         self._timer = self._loop.call_later(self.interval, self._poll)
 
     def stop(self) -> None:

@@ -119,8 +119,7 @@ class Proc(ProxyProcess):
                     await asyncio.sleep(0.01)
         except TimeoutError:
             raise AssertionError(
-                f"not {count} {name!r} line(s) within {timeout} s; the log's events:\n"
-                + "\n".join(json.dumps(e) for e in self.events())
+                f"not {count} {name!r} line(s) within {timeout} s; {self.dump()}"
             ) from None
 
     def children(self) -> list[int]:
@@ -149,6 +148,37 @@ class Proc(ProxyProcess):
                         os.kill(child, signal.SIGKILL)
         self.kill()
 
+    async def wait_watching(self, pids: set[int] | None = None) -> None:
+        """Until each process (default: this one) catches SIGHUP (/proc SigCgt).
+        ``serve`` sets that handler right after the Reloader took its first look at
+        the files, so a change made from then on is one it must see; a change made
+        while the process starts, before that look, is not what these tests are
+        about. (``serve`` now does this before the listening line, so this is a
+        guard that costs one read; a worker starts with SIGHUP ignored.)"""
+        bit = 1 << (signal.SIGHUP - 1)
+
+        def catching(pid: int) -> bool:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) & bit)
+            return False
+
+        for pid in pids or {self.pid}:
+            await wait_for(lambda pid=pid: catching(pid), LINE, f"{pid} handles SIGHUP")
+
+    def dump(self) -> str:
+        """The events so far, one JSON line each (for assertion messages)."""
+        return "the proxy's events:\n" + "\n".join(json.dumps(e) for e in self.events())
+
+    async def wait_one(self, name: str, timeout: float = LINE) -> dict:
+        """The one ``name`` event (AssertionError when there are more)."""
+        found = await self.wait_events(name, timeout=timeout)
+        assert len(found) == 1, f"{len(found)} {name!r} lines; {self.dump()}"
+        return found[0]
+
+    def count(self, name: str) -> int:
+        return len(self.events(name))
+
     def assert_clean(self) -> None:
         """Every line is JSON (no traceback, no asyncio 'Exception in callback')
         and no line is an error."""
@@ -160,13 +190,16 @@ class Proc(ProxyProcess):
 
 @pytest.fixture
 def proxies():
-    """``await proxies(config_file)``: a started :class:`Proc`; stopped by PID after."""
+    """``await proxies(config_file)``: a started :class:`Proc` whose reloader runs
+    (``workers=True``: the caller waits for the workers); stopped by PID after."""
     started: list[Proc] = []
 
-    async def start(config_file: Path) -> Proc:
+    async def start(config_file: Path, workers: bool = False) -> Proc:
         proc = Proc(config_file)
         started.append(proc)
         await asyncio.to_thread(proc.start)
+        if not workers:
+            await proc.wait_watching()
         return proc
 
     yield start
@@ -300,7 +333,7 @@ async def until_verdict(proxy: Proc, want: str, timeout: float = PATIENCE,
     except TimeoutError:
         raise AssertionError(
             f"a preflight from {origin} was still {got} after {timeout} s, not {want}; "
-            f"the proxy's events:\n" + "\n".join(json.dumps(e) for e in proxy.events())
+            + proxy.dump()
         ) from None
     return time.monotonic() - started
 
@@ -323,7 +356,7 @@ async def test_sighup_reloads_a_file_rewritten_in_place(tmp_path, upstream, prox
 
     write_unseen(path, policy(upstream.url, [A, B]))
     proxy.signal(signal.SIGHUP)
-    (line,) = await proxy.wait_events("reloaded")
+    line = await proxy.wait_one("reloaded")
     assert line["message"] == reloaded_message(path, "SIGHUP")
     assert await verdict(proxy.port) == "allowed"
     assert await verdict(proxy.port, C) == "denied"
@@ -400,14 +433,14 @@ async def test_a_configmap_symlink_swap_is_picked_up_without_a_signal(tmp_path, 
     assert os.readlink(mount / "..data") == "..2026_11_25_v2"
     assert stamp(path)[2:] == stamp(mount / "..2026_11_25_v2" / "config.yaml")[2:]
     await until_verdict(proxy, "allowed")
-    (line,) = await proxy.wait_events("reloaded")
+    line = await proxy.wait_one("reloaded")
     assert line["message"] == reloaded_message(path, f"{path} changed")
 
     # A second update: the proxy still watches the link, not the deleted directory.
     configmap_update(mount, "..2026_11_25_v2", "..2026_11_25_v3", policy(upstream.url, [A, C]))
     await until_verdict(proxy, "denied")
     assert await verdict(proxy.port, C) == "allowed"
-    assert len(proxy.events("reloaded")) == 2
+    assert proxy.count("reloaded") == 2, proxy.dump()
     assert proxy.events("reload-failed") == []
     proxy.assert_clean()
 
@@ -444,7 +477,7 @@ async def test_an_invalid_file_keeps_the_old_policy_until_a_valid_one(
     else:
         assert re.match(rf"{re.escape(str(path))}: line \d+, column \d+: YAML syntax error: ",
                         expected[0]), expected
-    (failed,) = await proxy.wait_events("reload-failed", timeout=PATIENCE)
+    failed = await proxy.wait_one("reload-failed", timeout=PATIENCE)
     n = len(expected)
     assert failed["message"] == (f"reload ({path} changed) failed: {n} error"
                                  f"{'s' if n != 1 else ''}; still serving the previous policy")
@@ -459,10 +492,10 @@ async def test_an_invalid_file_keeps_the_old_policy_until_a_valid_one(
     # A valid file is picked up again (without a signal).
     write_in_place(path, policy(upstream.url, [A, B]))
     await until_verdict(proxy, "allowed")
-    (line,) = await proxy.wait_events("reloaded")
+    line = await proxy.wait_one("reloaded")
     assert line["message"] == reloaded_message(path, f"{path} changed")
     assert await verdict(proxy.port, EVIL) == "denied"
-    assert len(proxy.events("reload-failed")) == 1
+    assert proxy.count("reload-failed") == 1, proxy.dump()
     proxy.assert_clean()
 
 
@@ -599,7 +632,7 @@ async def test_keys_that_need_a_restart_are_reported_and_kept(tmp_path, upstream
             listen={"port": new_port}, upstream={"timeout": 0.3},
         ))
         await until_verdict(proxy, "allowed")  # the cors change of the same edit
-        (line,) = await proxy.wait_events("reloaded")
+        line = await proxy.wait_one("reloaded")
         assert line["message"] == reloaded_message(path, f"{path} changed")
         restart = proxy.events("reload-restart-needed")
         assert sorted(e["section"] for e in restart) == ["listen", "upstream"], restart
@@ -643,17 +676,19 @@ async def test_an_allow_origins_file_is_watched_too(tmp_path, upstream, proxies)
     write_in_place(origins, "# the apps that may call us\nhttps://a2.example\n"
                             "https://b.example  # the new one\n")
     await until_verdict(proxy, "allowed")
-    (line,) = await proxy.wait_events("reloaded")
+    line = await proxy.wait_one("reloaded")
     assert line["message"] == reloaded_message(path, f"{origins} changed")
     assert await verdict(proxy.port, A) == "allowed"
 
     # An invalid line: the old policy stays; the error names the file and the line.
     write_in_place(origins, "# the apps that may call us\nhttps://a2.example\n"
                             "https://b.example\nnot an origin\nhttps://c.example\n")
-    (failed,) = await proxy.wait_events("reload-failed", timeout=PATIENCE)
+    failed = await proxy.wait_one("reload-failed", timeout=PATIENCE)
     assert failed["message"] == (f"reload ({origins} changed) failed: 1 error; still serving "
                                  f"the previous policy")
-    (error,) = proxy.events("reload-error")
+    errors = proxy.events("reload-error")
+    assert len(errors) == 1, proxy.dump()
+    error = errors[0]
     assert error["message"].startswith(
         f"{path}: cors.allow_origins_file: {origins}, line 4: "), error
     assert await verdict(proxy.port, C) == "denied"
@@ -663,7 +698,7 @@ async def test_an_allow_origins_file_is_watched_too(tmp_path, upstream, proxies)
     write_in_place(origins, "https://b.example\nhttps://c.example\n")
     await until_verdict(proxy, "allowed", origin=C)
     assert await verdict(proxy.port, "https://a2.example") == "denied"
-    assert len(proxy.events("reloaded")) == 2
+    assert proxy.count("reloaded") == 2, proxy.dump()
     proxy.assert_clean()
 
 
@@ -677,10 +712,11 @@ async def test_an_allow_origins_file_is_watched_too(tmp_path, upstream, proxies)
 async def test_every_worker_switches(tmp_path, upstream, proxies, trigger):
     path = tmp_path / "corsproxy.yaml"
     path.write_text(policy(upstream.url, [A, C], listen={"workers": 2}))
-    proxy = await proxies(path)
+    proxy = await proxies(path, workers=True)
     listening = await proxy.wait_events("listening", count=2, timeout=20)
     workers = {e["pid"] for e in listening}
     assert len(workers) == 2 and proxy.pid not in workers
+    await proxy.wait_watching(workers)
     port = proxy.port
     assert await verdict(port) == "denied"
 
@@ -702,5 +738,5 @@ async def test_every_worker_switches(tmp_path, upstream, proxies, trigger):
                             LINE, "24 access lines")
     assert {r["pid"] for r in served} == workers  # 24 on one worker: p = 2**-23
     assert all(r["status"] == 200 and r["cors"] == "allowed" for r in served)
-    assert len(proxy.events("reloaded")) == 2
+    assert proxy.count("reloaded") == 2, proxy.dump()
     proxy.assert_clean()
