@@ -92,7 +92,12 @@ class Limits:
 
 class ClientError(Exception):
     """The client side of an exchange failed (went away, timed out, sent a broken
-    body); ``str()`` says how, naming the ``listen.*`` key when a timer fired."""
+    body); ``str()`` says how, naming the ``listen.*`` key when a timer fired.
+    ``timed_out``: the client went silent (``listen.body_timeout``: a 408)."""
+
+    def __init__(self, message: str, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
 
 
 class Application(Protocol):
@@ -175,7 +180,7 @@ class RequestBody:
     sends a broken body, or is silent for ``listen.body_timeout`` seconds."""
 
     __slots__ = ("conn", "request", "chunks", "buffered", "complete", "error", "size",
-                 "_waiter", "_continued")
+                 "timed_out", "_waiter", "_continued")
 
     def __init__(self, conn: Connection, request: Request, has_body: bool) -> None:
         self.conn = conn
@@ -184,6 +189,7 @@ class RequestBody:
         self.buffered = 0
         self.complete = not has_body
         self.error: str | None = None
+        self.timed_out = False
         self.size = 0
         self._waiter: asyncio.Future[None] | None = None
         self._continued = False
@@ -222,7 +228,7 @@ class RequestBody:
                 conn._resume_reading("body")
                 return data
             if self.error is not None:
-                raise ClientError(self.error)
+                raise ClientError(self.error, self.timed_out)
             if self.complete:
                 return b""
             if self.request.expect_continue and not self._continued:
@@ -238,6 +244,7 @@ class RequestBody:
 
     def _timed_out(self, waiter: asyncio.Future[None], timeout: float) -> None:
         if self._waiter is waiter and not waiter.done():
+            self.timed_out = not self.complete and self.error is None
             self._fail(f"no request body bytes from the client for {timeout:g} s "
                        f"(listen.body_timeout)")
 

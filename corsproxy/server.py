@@ -495,7 +495,7 @@ class Proxy:
             )
         client_error = body.client_error if body is not None else None
         if client_error is not None:
-            status = 408 if "body_timeout" in str(client_error) else 400
+            status = 408 if client_error.timed_out else 400
             return self._error(response, decision, entry, status, str(client_error),
                                "the upstream connection was dropped")
         self.metrics.upstream_error(exc)
