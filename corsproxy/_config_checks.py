@@ -225,6 +225,21 @@ def _check_listen_host(value: str) -> str:
     return value
 
 
+def _check_network(value: str) -> str:
+    """A listen.trusted_proxies entry: an IP address or a CIDR range."""
+    import ipaddress
+
+    shown = json.dumps(value)
+    try:
+        ipaddress.ip_network(value.strip(), strict=False)
+    except ValueError:
+        raise _fail(
+            f'{shown} is not an IP address or CIDR range; write e.g. "10.0.0.0/8", '
+            f'"192.168.1.10" or "fd00::/8"'
+        ) from None
+    return value.strip()
+
+
 def _check_route_path(value: str) -> str:
     shown = json.dumps(value)
     if not value.startswith("/"):

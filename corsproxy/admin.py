@@ -180,8 +180,9 @@ class AdminApp:
     def refuse(self, request: Request, status: int, message: str) -> bytes:
         return _text(request, status, f"{reason_phrase(status)}: {message}\n")
 
-    def log_refusal(self, remote: str | None, status: int, message: str) -> None:
-        """Admin requests are not logged."""
+    def log_refusal(self, remote: str | None, status: int, message: str) -> bytes:
+        """Admin requests are not logged (and carry no request id)."""
+        return b""
 
     # -- readiness ----------------------------------------------------------------------
 

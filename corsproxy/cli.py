@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="override listen.workers: processes sharing the port (auto: one per CPU core)",
     )
     p.add_argument(
-        "--log-format", choices=("text", "json"), default="text", help="access log format"
+        "--log-format", choices=("text", "json"), default=None,
+        help="override log.format: text or json lines",
     )
 
     p = sub.add_parser(
@@ -280,6 +281,15 @@ def _seconds(value: float | None) -> str:
     return "no limit" if value is None else f"{value:g} s"
 
 
+def _admin_line(config: Config) -> str:
+    admin = config.admin
+    if admin.port is None:
+        return "off (admin.port: null)"
+    host = f"[{admin.host}]" if ":" in admin.host else admin.host
+    port = "any free port" if admin.port == 0 else admin.port
+    return f"http://{host}:{port}  (/healthz /readyz /metrics /denied)"
+
+
 def _summary(config: Config) -> str:
     listen, up = config.listen, config.upstream
     body = "no limit" if listen.max_body_size is None else f"{listen.max_body_size} bytes"
@@ -292,6 +302,11 @@ def _summary(config: Config) -> str:
         f"upstream: {url}  (connect_timeout: {up.connect_timeout:g} s, timeout: "
         f"{up.timeout:g} s, read_timeout: {_seconds(up.read_timeout)}, preserve_host: "
         f"{str(up.preserve_host).lower()})",
+        *([f"trusted:  {', '.join(str(n) for n in listen.trusted_proxies)}  (their "
+           f"X-Forwarded-For/-Proto/-Host are kept)"] if listen.trusted_proxies else []),
+        f"admin:    {_admin_line(config)}",
+        f"log:      {config.log.format} lines to {config.log.file or 'stderr'}"
+        f"{'' if config.log.access else ', no access lines'}",
         "",
         "cors (every path not under a route):",
         *_policy_lines(config.cors),
@@ -457,9 +472,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as e:
         _err(f"corsproxy run: the proxy server is not available ({e}); reinstall corsproxy")
         return 1
+    log_format = args.log_format or config.log.format
     for w in config.warnings:  # in the log's own format, before the server's first line
-        _err(event_line(args.log_format, "config-warning", f"warning: {w}"))
-    return run_server(config, log_format=args.log_format, load=load)
+        _err(event_line(log_format, "config-warning", f"warning: {w}"))
+    return run_server(config, log_format=log_format, load=load)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

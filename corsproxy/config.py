@@ -64,6 +64,7 @@ Where the parts live (private modules; none of them imports this one):
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from collections.abc import Callable
@@ -84,6 +85,7 @@ from ._config_checks import (
     _check_header,
     _check_listen_host,
     _check_method,
+    _check_network,
     _check_origin,
     _check_regex,
     _check_route_path,
@@ -100,6 +102,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "ListenConfig",
+    "LogConfig",
     "RouteConfig",
     "UpstreamConfig",
     "config_json_schema",
@@ -130,6 +133,8 @@ class ListenConfig:
     send_timeout: float = 60.0
     max_header_size: int = 32768
     tls: TlsConfig | None = None
+    #: Networks (``ipaddress`` objects) whose X-Forwarded-For/-Proto/-Host are kept.
+    trusted_proxies: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -179,6 +184,17 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    """``log``: the format of every line, whether requests are logged, and where
+    (``file`` None: stderr; otherwise an absolute path, opened for appending and
+    reopened on SIGUSR1)."""
+
+    format: str = "text"
+    access: bool = True
+    file: str | None = None
+
+
+@dataclass(frozen=True)
 class WebSocketConfig:
     """``websocket``: ``idle_timeout`` seconds of silence both ways close a tunnel."""
 
@@ -212,6 +228,7 @@ class Config:
     warnings: tuple[str, ...] = ()
     websocket: WebSocketConfig = WebSocketConfig()
     admin: AdminConfig = AdminConfig()
+    log: LogConfig = LogConfig()
     #: Other files the config reads (allow_origins_file), absolute: a reload
     #: watches them too.
     watched_files: tuple[str, ...] = ()
@@ -356,6 +373,14 @@ class ListenModel(BaseModel):
         description="Serve HTTPS (TLS 1.2 or later) with this certificate; the files are "
         "read again on every reload (certificate rotation).",
     )
+    trusted_proxies: list[Annotated[str, AfterValidator(_check_network)]] = Field(
+        [],
+        description="Addresses or CIDR ranges of load balancers in front of the proxy. A "
+        "request from one of them keeps its X-Forwarded-For/-Proto/-Host, its scheme for "
+        "same-origin checks follows X-Forwarded-Proto, and the access log names the client "
+        "from X-Forwarded-For. Everyone else's X-Forwarded-Proto/-Host are replaced.",
+        examples=[["10.0.0.0/8", "127.0.0.1"]],
+    )
 
 
 class UpstreamModel(BaseModel):
@@ -431,6 +456,26 @@ class WebSocketModel(BaseModel):
     idle_timeout: float = Field(
         300.0, gt=0, allow_inf_nan=False,
         description="Seconds of silence in both directions after which a tunnel is closed.",
+    )
+
+
+class LogModel(BaseModel):
+    """What the proxy logs, how, and where."""
+
+    model_config = _STRICT
+
+    format: Literal["text", "json"] = Field(
+        "text", description="text (one key=value line) or json (one object per line); "
+        "`run --log-format` overrides it.",
+    )
+    access: bool = Field(
+        True, description="false: no access line per request (events and errors still go).",
+    )
+    file: str | None = Field(
+        None,
+        description="Append every line to this file instead of stderr (relative to the "
+        "config file); SIGUSR1 reopens it, for logrotate.",
+        examples=["/var/log/corsproxy/access.log"],
     )
 
 
@@ -594,6 +639,10 @@ class ConfigModel(BaseModel):
         default_factory=AdminModel,
         description="The admin listener: health, readiness, Prometheus metrics, denied origins.",
     )
+    log: Annotated[
+        LogModel,
+        BeforeValidator(_none_is_empty, json_schema_input_type=LogModel | None),
+    ] = Field(default_factory=LogModel, description="Logging: format, access lines, file.")
 
 
 def config_json_schema() -> dict[str, Any]:
@@ -621,6 +670,8 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
             model = WebSocketModel
         elif part == "admin":
             model = AdminModel
+        elif part == "log":
+            model = LogModel
         elif part in ("listen", "upstream"):
             model = ListenModel if part == "listen" else UpstreamModel
         else:
@@ -1043,6 +1094,16 @@ def parse_config(
                 )
             )
 
+    if model is not None and model.log.file is not None:
+        log_file = os.path.join(base, model.log.file)
+        folder = os.path.dirname(log_file) or "."
+        if os.path.isdir(log_file):
+            errors.append((("log", "file"), f"{log_file} is a directory; name a file in it, "
+                                            f"e.g. {os.path.join(log_file, 'corsproxy.log')}"))
+        elif not os.path.isdir(folder):
+            errors.append((("log", "file"), f"the directory {folder} does not exist; create it "
+                                            f"or log to stderr (file: null)"))
+
     if model is not None and model.admin.port and model.admin.port == model.listen.port:
         # With listen.workers, both would join one SO_REUSEPORT group and share traffic.
         errors.append((("admin", "port"), f"{model.admin.port} is listen.port too; the admin "
@@ -1083,6 +1144,7 @@ def parse_config(
             lm.host, lm.port, lm.max_body_size, float(lm.shutdown_grace), lm.workers,
             float(lm.header_timeout), float(lm.keepalive_timeout), float(lm.body_timeout),
             float(lm.send_timeout), lm.max_header_size, tls,
+            tuple(ipaddress.ip_network(n, strict=False) for n in lm.trusted_proxies),
         ),
         upstream=UpstreamConfig(
             um.url, float(um.connect_timeout), float(um.timeout), um.preserve_host,
@@ -1093,6 +1155,10 @@ def parse_config(
         websocket=WebSocketConfig(float(model.websocket.idle_timeout)),
         admin=AdminConfig(
             model.admin.host, model.admin.port, model.admin.ready_checks_upstream
+        ),
+        log=LogConfig(
+            model.log.format, model.log.access,
+            None if model.log.file is None else os.path.join(base, model.log.file),
         ),
         cors=cors,
         routes=routes,

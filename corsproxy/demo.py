@@ -11,7 +11,8 @@ The sample API (aiohttp, in memory) on ``upstream_port``:
 - ``GET /api/legacy-cors``: sets its own ``Access-Control-Allow-Origin: *``, to show
   that the proxy removes an upstream's CORS headers and sends only its own.
 
-Every response carries ``X-Request-Id`` (listed in ``expose_headers``).
+Every response echoes the ``X-Request-Id`` corsproxy forwarded (listed in
+``expose_headers``, so the page can read it and find the request in the log).
 """
 
 from __future__ import annotations
@@ -59,7 +60,11 @@ _IDS = web.AppKey("ids", itertools.count)
 @web.middleware
 async def _request_id(request: web.Request, handler: Any) -> web.StreamResponse:
     response = await handler(request)
-    response.headers["X-Request-Id"] = f"demo-{next(request.app[_IDS])}"
+    # The id corsproxy sent (its access line has the same one); a direct request
+    # without one gets a numbered id of the demo's own.
+    response.headers["X-Request-Id"] = (
+        request.headers.get("X-Request-Id") or f"demo-{next(request.app[_IDS])}"
+    )
     return response
 
 

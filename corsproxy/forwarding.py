@@ -13,24 +13,37 @@ Upstream request (RFC 9110 §7.6):
 - ``Host`` becomes the upstream's (unless ``upstream.preserve_host``);
 - ``X-Forwarded-For`` gets the client address appended to whatever the client
   sent; ``X-Forwarded-Proto`` and ``X-Forwarded-Host`` are set by the proxy
-  (a client's own values are replaced: nothing in front of the proxy is trusted);
+  (a client's own values are replaced), except from a peer in
+  ``listen.trusted_proxies``, whose values are kept;
+- ``X-Request-Id`` carries the request's id: the client's own when it is one
+  reasonable token (:func:`client_request_id`), otherwise a generated one
+  (:func:`new_request_id`); the response carries the same id;
 - everything else passes unchanged, in order.
 
 Client response: hop-by-hop headers and every ``Access-Control-*`` header the
 upstream sent are removed (the proxy is the one CORS authority: two ACAO headers
 make a browser fail), the decision's CORS headers are added, and the decision's
-``Vary`` names are merged into the upstream's ``Vary``.
+``Vary`` names are merged into the upstream's ``Vary``. The upstream's own
+``X-Request-Id`` gives way to the request's id (one id per request, the one in
+the access line).
 """
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from yarl import URL
 
 __all__ = [
     "UpstreamTarget",
+    "client_request_id",
+    "forwarded_proto",
     "merge_vary",
+    "new_request_id",
+    "real_client",
     "response_headers",
     "upstream_request_headers",
 ]
@@ -41,6 +54,87 @@ HOP_BY_HOP = frozenset(
 )
 # Headers the proxy sets itself on the upstream request.
 _REPLACED = frozenset({"host", "x-forwarded-proto", "x-forwarded-host", "expect"})
+# ... except these two, which a trusted proxy's request keeps.
+_TRUSTED_KEPT = frozenset({"x-forwarded-proto", "x-forwarded-host"})
+
+#: A client's X-Request-Id is used when it is 1 to 200 visible ASCII characters.
+_GOOD_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,200}").fullmatch
+
+
+def client_request_id(values: Sequence[str]) -> str | None:
+    """The client's request id: its one ``X-Request-Id`` value when that is a
+    reasonable token (visible ASCII, at most 200 characters), else None (none,
+    several, empty, too long, spaces or other bytes: the proxy makes its own)."""
+    if len(values) == 1 and _GOOD_REQUEST_ID(values[0]):
+        return values[0]
+    return None
+
+
+class _Ids:
+    """32 hex digits: 16 random ones per process, then a 64-bit counter. Unique
+    across restarts and worker processes (each gets its own random half after the
+    fork) without a system call per request; an id is a label, not a secret."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.prefix = os.urandom(8).hex()
+        self.count = 0
+
+    def next(self) -> str:
+        self.count += 1
+        return f"{self.prefix}{self.count:016x}"
+
+
+_ids = _Ids()
+os.register_at_fork(after_in_child=_ids.reset)
+
+
+def new_request_id() -> str:
+    """A fresh request id (see :class:`_Ids`)."""
+    return _ids.next()
+
+
+def forwarded_proto(pairs: Sequence[tuple[str, str]]) -> str | None:
+    """The scheme a trusted proxy in front says the client used: the first
+    element of the first ``X-Forwarded-Proto``, when it is ``http`` or ``https``."""
+    for name, value in pairs:
+        if name.lower() == "x-forwarded-proto":
+            first = value.split(",", 1)[0].strip().lower()
+            return first if first in ("http", "https") else None
+    return None
+
+
+def real_client(peer: str, pairs: Sequence[tuple[str, str]], trusted: Any) -> str:
+    """The client's address for the log, as nginx's ``real_ip_recursive``: from the
+    right of ``X-Forwarded-For``, the first address that is not a trusted proxy
+    (``trusted(address) -> bool``); ``peer`` itself when it isn't trusted. An entry
+    that is no IP address ends the walk at the last good one."""
+    if not trusted(peer):
+        return peer
+    hops: list[str] = []
+    for name, value in pairs:
+        if name.lower() == "x-forwarded-for":
+            hops.extend(part.strip() for part in value.split(","))
+    client = peer
+    for hop in reversed(hops):
+        if not _is_ip(hop):
+            break
+        client = hop
+        if not trusted(hop):
+            break
+    return client
+
+
+def _is_ip(text: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _connection_names(pairs: Sequence[tuple[str, str]]) -> frozenset[str]:
@@ -64,18 +158,32 @@ def upstream_request_headers(
     scheme: str,
     upstream_host: str,
     preserve_host: bool,
+    request_id: str | None = None,
+    trusted: bool = False,
 ) -> list[tuple[str, str]]:
-    """The headers to send upstream, given the client's ``pairs`` (see module doc)."""
+    """The headers to send upstream, given the client's ``pairs`` (see module doc).
+    ``trusted``: the peer is in ``listen.trusted_proxies``."""
     listed = _connection_names(pairs)
     out: list[tuple[str, str]] = [("Host", upstream_host)]
     client_host: str | None = None
     forwarded_for: list[str] = []
     xff_at: int | None = None
+    id_at: int | None = None
+    kept: set[str] = set()
     for name, value in pairs:
         key = name.lower()
         if key == "host":
             if client_host is None:
                 client_host = value
+            continue
+        if key == "x-request-id" and request_id is not None:
+            if id_at is None:
+                id_at = len(out)
+                out.append(("X-Request-Id", request_id))
+            continue
+        if trusted and key in _TRUSTED_KEPT:
+            kept.add(key)
+            out.append((name, value))
             continue
         if key == "x-forwarded-for":
             if xff_at is None:
@@ -97,9 +205,13 @@ def upstream_request_headers(
             out[xff_at] = xff
     elif xff_at is not None:
         del out[xff_at]
-    out.append(("X-Forwarded-Proto", scheme))
+    if request_id is not None and id_at is None:
+        out.append(("X-Request-Id", request_id))
+    if "x-forwarded-proto" not in kept:
+        out.append(("X-Forwarded-Proto", scheme))
     if client_host is not None:
-        out.append(("X-Forwarded-Host", client_host))
+        if "x-forwarded-host" not in kept:
+            out.append(("X-Forwarded-Host", client_host))
         if preserve_host:
             out[0] = ("Host", client_host)
     return out
@@ -134,10 +246,12 @@ def response_headers(
     pairs: Sequence[tuple[str, str]],
     cors: Sequence[tuple[str, str]],
     vary: Sequence[str],
+    request_id: str | None = None,
 ) -> list[tuple[str, str]]:
     """The headers for the client: the upstream's ``pairs`` without hop-by-hop and
     ``Access-Control-*`` headers, plus ``cors``, with ``vary`` merged into ``Vary``
-    (which takes the place of the upstream's first ``Vary``, or goes last)."""
+    (which takes the place of the upstream's first ``Vary``, or goes last), and
+    ``X-Request-Id: request_id`` (in place of the upstream's first, or last)."""
     listed = _connection_names(pairs)
     # RFC 9112 §6.3: Transfer-Encoding overrides Content-Length; the body arrives
     # de-chunked, so its length is whatever arrives and Content-Length must go.
@@ -145,9 +259,15 @@ def response_headers(
     out: list[tuple[str, str]] = []
     vary_values: list[str] = []
     vary_at: int | None = None
+    id_at: int | None = None
     for name, value in pairs:
         key = name.lower()
         if key.startswith("access-control-") or _is_hop_by_hop(key, listed):
+            continue
+        if key == "x-request-id" and request_id is not None:
+            if id_at is None:
+                id_at = len(out)
+                out.append(("X-Request-Id", request_id))
             continue
         if key == "vary":
             if vary_at is None:
@@ -166,6 +286,8 @@ def response_headers(
             out[vary_at] = ("Vary", merged)
     elif merged is not None:
         out.append(("Vary", merged))
+    if request_id is not None and id_at is None:
+        out.append(("X-Request-Id", request_id))
     out.extend(cors)
     return out
 

@@ -113,8 +113,9 @@ class Application(Protocol):
         """A whole response for a request the server refuses after its head was
         parsed (the application adds CORS headers and logs it)."""
 
-    def log_refusal(self, remote: str | None, status: int, message: str) -> None:
-        """Log a refusal made before any request could be parsed (408, 431, 505...)."""
+    def log_refusal(self, remote: str | None, status: int, message: str) -> bytes:
+        """Log a refusal made before any request could be parsed (408, 431, 505...);
+        returns header lines (each ending in CRLF) for the answer, e.g. its request id."""
 
 
 class Request:
@@ -136,6 +137,7 @@ class Request:
         "started",
         "checked_target",
         "refusal",
+        "request_id",
     )
 
     def __init__(self, conn: Connection, method: str, target: str, version: str,
@@ -158,6 +160,8 @@ class Request:
         self.checked_target: str | None = None
         #: (status, message) when the server refuses it (answered in its turn).
         self.refusal: tuple[int, str] | None = None
+        #: The application's id for this request (``X-Request-Id``), once it chose one.
+        self.request_id: str | None = None
 
     def get(self, lower_name: str) -> str | None:
         for name, value in self.headers:
@@ -274,7 +278,7 @@ class Response:
         self.started = False
         self.finished = False
         self.chunked = False
-        self.sent = 0  # body bytes written
+        self.sent = 0  # body bytes written (before chunked framing)
         self._pending: bytes | None = None
         self._no_body = False
 
@@ -323,11 +327,12 @@ class Response:
         conn = self.conn
         if conn.state == _CLOSED:
             raise ClientError("the client closed the connection")
-        self.sent += len(data)
         if self._no_body:
             data = b""
-        elif self.chunked:
-            data = b"%x\r\n%b\r\n" % (len(data), data)
+        else:
+            self.sent += len(data)
+            if self.chunked:
+                data = b"%x\r\n%b\r\n" % (len(data), data)
         pending = self._pending
         if pending is not None:
             self._pending = None
@@ -340,11 +345,12 @@ class Response:
         conn = self.conn
         if conn.state == _CLOSED:
             raise ClientError("the client closed the connection")
-        self.sent += len(data)
         if self._no_body:
             data = b""
-        elif self.chunked:
-            data = (b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data)) if data else b"0\r\n\r\n"
+        else:
+            self.sent += len(data)
+            if self.chunked:
+                data = (b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data)) if data else b"0\r\n\r\n"
         pending = self._pending
         if pending is not None:
             self._pending = None
@@ -779,7 +785,7 @@ class Connection(asyncio.Protocol):
 
     def _refuse_head(self, status: int, message: str) -> None:
         """Answer before a request exists (431, 505, 400 from the parser, 408)."""
-        self.app.log_refusal(self.remote, status, message)
+        extra = self.app.log_refusal(self.remote, status, message)
         if self._task is not None or self._queue:
             # Earlier pipelined requests are still being answered: finish those, then
             # close without answering this one (its bytes can't be trusted).
@@ -788,7 +794,7 @@ class Connection(asyncio.Protocol):
             return
         self.must_close = True
         self.state = _BUSY
-        self._write(_plain(status, message, close=True))
+        self._write(_plain(status, message, close=True, extra=extra))
         self.close()
 
     def _parse_error(self, exc: BaseException) -> None:
@@ -937,15 +943,17 @@ class _Stop(Exception):
     """Raised from a parser callback once the server has answered the request."""
 
 
-def _plain(status: int, message: str, close: bool = True) -> bytes:
-    """A small text/plain response made without the application."""
+def _plain(status: int, message: str, close: bool = True, extra: bytes = b"") -> bytes:
+    """A small text/plain response made without the application (``extra``: more
+    header lines, each ending in CRLF)."""
     reason = reason_phrase(status)
     body = f"{reason}: {message}\n".encode("latin-1", "replace")
     head = (
         f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n"
         f"Content-Length: {len(body)}\r\n"
     ).encode("latin-1")
-    return head + date_line() + (b"Connection: close\r\n" if close else b"") + _CRLF + body
+    return (head + extra + date_line() + (b"Connection: close\r\n" if close else b"")
+            + _CRLF + body)
 
 
 class HttpServer:

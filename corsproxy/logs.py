@@ -1,13 +1,16 @@
-"""One log line per request, as text or JSON, on stderr.
+"""One log line per request, as text or JSON, on stderr or in a file.
 
 The server calls :func:`access_line` when a request is done and logs the result
 on the ``corsproxy.access`` logger. Lines carry the method, the path (without the
 query, which may hold secrets), the status, the Origin, the CORS verdict and its
-reason, the route, the time the upstream took to answer (response headers) and,
-when something failed, the error in words::
+reason, the route, the request id (``X-Request-Id``), the time the upstream took
+to answer (response headers) and the whole time, both in microseconds from a
+monotonic clock, the request and response body bytes and, when something failed,
+the error in words::
 
     2026-05-09T07:35:25.123Z 127.0.0.1 GET /api/items 200 origin=https://app.example.com
-        cors=allowed upstream_ms=1.9 ms=2.3 reason="origin: ... is allowed by allow_origins"
+        cors=allowed request_id=5f0c2a9e41d7b3a800000001 upstream_us=1874 us=2291
+        request_bytes=0 response_bytes=1234 reason="origin: ... is allowed by allow_origins"
     {"time": "...", "client": "127.0.0.1", "method": "GET", "path": "/api/items",
         "status": 200, ...}
 
@@ -17,6 +20,10 @@ Requests the server refuses before they can be parsed (400 from the parser, 408,
 431, 505) get an access line too, with ``-`` for the method and path and the
 cause in ``error``. Other records (start, stop, internal errors) are rendered as
 one line each by :func:`setup_logging`, without a traceback.
+
+``log.file`` sends every line to a file opened for appending instead of stderr;
+:func:`reopen_log_file` (SIGUSR1) opens the path again, so logrotate can move the
+old file away. ``log.access: false`` turns the per-request lines off.
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ __all__ = [
     "access_line",
     "access_writer",
     "describe_error",
+    "emit",
+    "reopen_log_file",
     "setup_logging",
 ]
 
@@ -84,9 +93,15 @@ _pid = [os.getpid()]  # this process's id, for JSON lines (several workers share
 os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
 
 
+#: Optional fields of a text line, in their order after ``time client method path status``.
+_TEXT_KEYS = ("origin", "cors", "route", "request_id", "upstream_us", "us", "request_bytes",
+              "response_bytes", "up_bytes", "down_bytes", "closed_by", "error", "reason")
+
+
 def access_line(log_format: str, fields: dict[str, Any]) -> str:
-    """Render one request's fields (see :func:`corsproxy.server._log_access` for the keys).
-    JSON lines also carry ``pid``, the worker process that served the request."""
+    """Render one request's fields (see :func:`corsproxy.server.Proxy._log_access`
+    for the keys). JSON lines also carry ``pid``, the worker process that served
+    the request."""
     if log_format == "json":
         return json.dumps({"time": _now(), **fields, "pid": _pid[0]})
     parts = [
@@ -96,8 +111,7 @@ def access_line(log_format: str, fields: dict[str, Any]) -> str:
         _text_value(fields["path"]),
         str(fields["status"] or "-"),
     ]
-    for key in ("origin", "cors", "route", "upstream_ms", "ms", "up_bytes", "down_bytes",
-                "closed_by", "error", "reason"):
+    for key in _TEXT_KEYS:
         value = fields.get(key)
         if value is not None:
             parts.append(f"{key}={value}" if isinstance(value, int | float) else
@@ -107,10 +121,11 @@ def access_line(log_format: str, fields: dict[str, Any]) -> str:
 
 class AccessTemplate:
     """The access line of a request whose fields are all known in advance except
-    the client address, the path and the time taken (a cached preflight answer):
-    everything else is rendered once, so a line costs one string concatenation.
-    ``line(client, path, ms)`` equals ``access_line`` for the same fields
-    (``upstream_ms`` and ``error`` None)."""
+    the client address, the path, the request id and the time taken (a cached
+    preflight answer): everything else is rendered once, so a line costs one
+    string concatenation. ``line(client, path, request_id, us)`` equals
+    ``access_line`` for the same fields (no upstream time, no error, no request
+    body, ``response_bytes`` the answer's body)."""
 
     __slots__ = ("log_format", "_method", "_status", "_mid", "_tail")
 
@@ -123,6 +138,7 @@ class AccessTemplate:
         cors: str,
         route: str | None,
         reason: str,
+        response_bytes: int,
     ) -> None:
         self.log_format = log_format
         if log_format == "json":
@@ -130,10 +146,11 @@ class AccessTemplate:
             self._status = json.dumps(status)
             self._mid = (
                 f", \"origin\": {json.dumps(origin)}, \"cors\": {json.dumps(cors)}, "
-                f"\"route\": {json.dumps(route)}, \"upstream_ms\": null, \"ms\": "
+                f"\"route\": {json.dumps(route)}, \"request_id\": "
             )
             self._tail = (
-                f", \"error\": null, \"reason\": {json.dumps(reason)}, \"pid\": {_pid[0]}}}"
+                f", \"request_bytes\": 0, \"response_bytes\": {response_bytes}, "
+                f"\"error\": null, \"reason\": {json.dumps(reason)}, \"pid\": {_pid[0]}}}"
             )
         else:
             self._method = _text_value(method)
@@ -143,19 +160,22 @@ class AccessTemplate:
                 for key, value in (("origin", origin), ("cors", cors), ("route", route))
                 if value is not None
             )
-            self._mid = f"{mid} ms="
-            self._tail = f" reason={_text_value(reason)}"
+            self._mid = f"{mid} request_id="
+            self._tail = (
+                f" request_bytes=0 response_bytes={response_bytes} reason={_text_value(reason)}"
+            )
 
-    def line(self, client: str | None, path: str, ms: float) -> str:
+    def line(self, client: str | None, path: str, request_id: str, us: int) -> str:
         if self.log_format == "json":
             return (
                 f'{{"time": "{_now()}", "client": {json.dumps(client)}, "method": '
                 f'{self._method}, "path": {json.dumps(path)}, "status": {self._status}'
-                f"{self._mid}{ms!r}{self._tail}"
+                f'{self._mid}{json.dumps(request_id)}, "upstream_us": null, "us": {us}'
+                f"{self._tail}"
             )
         return (
             f"{_now()} {client or '-'} {self._method} {_text_value(path)} {self._status}"
-            f"{self._mid}{ms!r}{self._tail}"
+            f"{self._mid}{_text_value(request_id)} us={us}{self._tail}"
         )
 
 
@@ -168,16 +188,20 @@ class AccessWriter:
     most 4096 bytes (PIPE_BUF), so lines of several worker processes sharing one
     stderr pipe never mix. Call :meth:`flush` before the loop stops."""
 
-    __slots__ = ("stream", "fd", "_lines", "_scheduled")
+    __slots__ = ("stream", "_lines", "_scheduled")
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
-        try:
-            self.fd: int | None = stream.fileno()
-        except (AttributeError, OSError, ValueError):
-            self.fd = None
         self._lines: list[str] = []
         self._scheduled = False
+
+    @property
+    def fd(self) -> int | None:
+        """The stream's descriptor now (a :class:`LogFile` changes it on reopen)."""
+        try:
+            return self.stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            return None
 
     def __call__(self, line: str) -> None:
         self._lines.append(line)
@@ -194,7 +218,8 @@ class AccessWriter:
         if not lines:
             return
         try:
-            if self.fd is None:
+            fd = self.fd
+            if fd is None:
                 lines.append("")
                 self.stream.write("\n".join(lines))
                 self.stream.flush()
@@ -205,11 +230,11 @@ class AccessWriter:
             for line in lines:
                 data = line.encode("utf-8", "replace") + b"\n"
                 if size + len(data) > _PIPE_BUF and piece:
-                    _write_all(self.fd, b"".join(piece))
+                    _write_all(fd, b"".join(piece))
                     piece, size = [], 0
                 piece.append(data)
                 size += len(data)
-            _write_all(self.fd, b"".join(piece))
+            _write_all(fd, b"".join(piece))
         except (OSError, ValueError):  # stderr closed or gone: lose the lines, keep serving
             pass
 
@@ -234,6 +259,64 @@ def access_writer() -> Any:
     if stream is None:
         return ACCESS_LOGGER.info
     return AccessWriter(stream)
+
+
+class LogFile:
+    """``log.file``: a file opened for appending (``O_APPEND``: the lines of several
+    worker processes each land whole at the end), reopened by :meth:`reopen` after
+    logrotate moved it. Text writes are line-buffered; :class:`AccessWriter`
+    writes to :meth:`fileno` directly."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._file = self._open()
+
+    def _open(self) -> Any:
+        return open(self.path, "a", encoding="utf-8", errors="replace", buffering=1)
+
+    def reopen(self) -> None:
+        """Open the path again (a new file when it was moved away); on failure keep
+        writing to the old one and raise the OSError."""
+        new = self._open()
+        old, self._file = self._file, new
+        old.close()
+
+    def write(self, text: str) -> int:
+        return self._file.write(text)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def emit(line: str) -> None:
+    """Write one preformatted line (an event) where the log goes, now."""
+    stream = _direct_stream[0] or sys.stderr
+    try:
+        stream.write(line + "\n")
+        stream.flush()
+    except (OSError, ValueError):  # the log is gone: keep serving
+        pass
+
+
+def reopen_log_file() -> str | None:
+    """SIGUSR1: reopen ``log.file``. Returns a problem in words, or None (also when
+    logging to stderr: nothing to reopen)."""
+    stream = _direct_stream[0]
+    if not isinstance(stream, LogFile):
+        return None
+    try:
+        stream.reopen()
+    except OSError as exc:
+        return (f"cannot reopen the log file {stream.path} ({describe_error(exc)}); still "
+                f"writing to the old one; check the directory and its permissions, then send "
+                f"SIGUSR1 again")
+    return None
 
 
 def describe_error(exc: BaseException) -> str:
@@ -272,17 +355,27 @@ class _OneLineFormatter(logging.Formatter):
         return event_line(self.log_format, "log", message, level=record.levelname.lower())
 
 
-def setup_logging(log_format: str = "text", stream: Any = None) -> None:
-    """Send every ``corsproxy.*`` record to stderr, one line each, in ``log_format``."""
+def setup_logging(log_format: str = "text", stream: Any = None, *, file: str | None = None,
+                  access: bool = True) -> None:
+    """Send every ``corsproxy.*`` record to stderr (or ``stream``, or the ``file``
+    opened for appending), one line each, in ``log_format``; ``access`` False drops
+    the per-request lines. Raises OSError when ``file`` can't be opened."""
     if log_format not in LOG_FORMATS:
         raise ValueError(f"log format {log_format!r}: use one of {', '.join(LOG_FORMATS)}")
+    if file is not None:
+        target = LogFile(file)
+    else:
+        target = stream if stream is not None else sys.stderr
+    old_stream = _direct_stream[0]
     root = logging.getLogger("corsproxy")
     for old in list(root.handlers):
         root.removeHandler(old)
-    target = stream if stream is not None else sys.stderr
+    if isinstance(old_stream, LogFile) and old_stream is not target:
+        old_stream.close()
     _direct_stream[0] = target
     handler = logging.StreamHandler(target)
     handler.setFormatter(_OneLineFormatter(log_format))
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     root.propagate = False
+    ACCESS_LOGGER.setLevel(logging.NOTSET if access else logging.WARNING)

@@ -41,7 +41,7 @@ __all__ = ["POLL_INTERVAL", "RESTART_KEYS", "Reloader"]
 #: Seconds between two looks at the watched files.
 POLL_INTERVAL = 1.0
 #: Sections whose changes need a restart (kept as they run).
-RESTART_KEYS = ("listen", "upstream", "websocket", "admin")
+RESTART_KEYS = ("listen", "upstream", "websocket", "admin", "log")
 
 
 def _stamp(path: str) -> tuple[int, int, int, int] | None:

@@ -49,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import gc
+import ipaddress
 import logging
 import os
 import signal
@@ -60,7 +61,15 @@ from typing import TYPE_CHECKING, Any
 
 from ._wire import Rejected, check_host, check_target, date_line, reason_phrase, render_head
 from .core import Decision, Kind, RequestView, Router
-from .forwarding import UpstreamTarget, response_headers, upstream_request_headers
+from .forwarding import (
+    UpstreamTarget,
+    client_request_id,
+    forwarded_proto,
+    new_request_id,
+    real_client,
+    response_headers,
+    upstream_request_headers,
+)
 from .httpserver import ClientError, HttpServer, Limits, Request, Response
 from .logs import (
     ACCESS_LOGGER,
@@ -70,6 +79,7 @@ from .logs import (
     access_writer,
     describe_error,
     event_line,
+    reopen_log_file,
     setup_logging,
 )
 from .metrics import Metrics
@@ -110,8 +120,8 @@ _CRLF = b"\r\n"
 
 
 def _own_head(decision: Decision, status: int, body: bytes) -> bytes:
-    """Status line and headers (CRLF after each, no blank line, no Date) of an
-    answer the proxy makes: the decision's CORS headers, Vary, a text body."""
+    """Status line and headers (CRLF after each, no blank line, no Date, no request
+    id) of an answer the proxy makes: the decision's CORS headers, Vary, a text body."""
     lines = [(name, value) for name, value in decision.headers]
     if decision.vary:
         lines.append(("Vary", ", ".join(decision.vary)))
@@ -120,13 +130,18 @@ def _own_head(decision: Decision, status: int, body: bytes) -> bytes:
     return render_head(status, reason_phrase(status), lines)
 
 
-def _own_response(decision: Decision, status: int, text: str) -> bytes:
+def _id_line(request_id: str) -> bytes:
+    """The ``X-Request-Id`` header line (the id is visible ASCII: see forwarding)."""
+    return b"X-Request-Id: " + request_id.encode("latin-1") + _CRLF
+
+
+def _own_response(decision: Decision, status: int, text: str, request_id: str) -> bytes:
     body = text.encode("utf-8")
     try:
         head = _own_head(decision, status, body)
     except ValueError:  # odd bytes in an echoed value: answer without CORS headers
         head = _own_head(_NO_DECISION, status, body)
-    return head + date_line() + _CRLF + body
+    return head + _id_line(request_id) + date_line() + _CRLF + body
 
 
 _NO_DECISION = Decision(Kind.NOT_CORS, False, None, (), ("Origin",), ("no decision",))
@@ -147,7 +162,7 @@ class _Preflight:
         self.tail = _CRLF + body
         self.log = AccessTemplate(
             log_format, "OPTIONS", status, origin, decision.verdict, decision.route,
-            "; ".join(decision.reasons),
+            "; ".join(decision.reasons), len(body),
         )
 
 
@@ -160,16 +175,19 @@ _PREFLIGHT_KEY_MAX = 1024
 class _Log:
     """What the access line says about one request."""
 
-    __slots__ = ("upstream_ms", "error", "status", "tunnel")
+    __slots__ = ("upstream_us", "error", "status", "tunnel", "response_bytes")
 
     def __init__(self) -> None:
-        self.upstream_ms: float | None = None
+        self.upstream_us: int | None = None
         self.error: str | None = None
         self.status: int | None = None
         self.tunnel: Tunnel | None = None
+        #: Body bytes of an answer written whole (else the Response counts them).
+        self.response_bytes: int | None = None
 
 
-def _request_view(request: Request, path: str, websocket: bool = False) -> RequestView:
+def _request_view(request: Request, path: str, websocket: bool = False,
+                  scheme: str | None = None) -> RequestView:
     acrm = request.get_all("access-control-request-method")
     return RequestView(
         method=request.method,
@@ -180,7 +198,7 @@ def _request_view(request: Request, path: str, websocket: bool = False) -> Reque
         request_headers=tuple(request.get_all("access-control-request-headers")),
         request_private_network=request.get("access-control-request-private-network"),
         host=request.get("host"),
-        scheme=request.scheme,
+        scheme=scheme or request.scheme,
         websocket=websocket,
     )
 
@@ -241,6 +259,9 @@ class Proxy:
         self.closing = False
         #: Prometheus metrics (``corsproxy.metrics``), rendered by the admin listener.
         self.metrics = Metrics()
+        #: listen.trusted_proxies, and the verdict per peer address seen (bounded).
+        self.trusted_networks = config.listen.trusted_proxies
+        self._trusted_peers: dict[str, bool] = {}
 
     def reload_result(self, ok: bool) -> None:
         """A config reload's outcome (``corsproxy.reload`` reports it), for the metrics."""
@@ -298,11 +319,54 @@ class Proxy:
         cached = self._preflight(self.policy, request, path)
         if cached is None:
             return None
+        request_id = self.request_id(request)
         elapsed = time.perf_counter() - request.started
         self.metrics.request(cached.decision, elapsed, request)
         if ACCESS_LOGGER.isEnabledFor(logging.INFO):
-            self.write_access(cached.log.line(request.remote, path, round(elapsed * 1000, 3)))
-        return cached.head + date_line() + cached.tail
+            self.write_access(cached.log.line(self._client(request), path, request_id,
+                                              int(elapsed * 1e6)))
+        return cached.head + _id_line(request_id) + date_line() + cached.tail
+
+    def request_id(self, request: Request) -> str:
+        """The request's id: the client's ``X-Request-Id`` when it is a reasonable
+        token, else a new one (chosen once per request)."""
+        request_id = request.request_id
+        if request_id is None:
+            request_id = request.request_id = (
+                client_request_id(request.get_all("x-request-id")) or new_request_id()
+            )
+        return request_id
+
+    def _trusted(self, address: str | None) -> bool:
+        """Whether ``address`` is in listen.trusted_proxies."""
+        if not self.trusted_networks or not address:
+            return False
+        known = self._trusted_peers.get(address)
+        if known is None:
+            try:
+                ip = ipaddress.ip_address(address)
+            except ValueError:
+                known = False
+            else:
+                known = any(ip in network for network in self.trusted_networks)
+            if len(self._trusted_peers) >= 4096:
+                self._trusted_peers.clear()
+            self._trusted_peers[address] = known
+        return known
+
+    def _scheme(self, request: Request) -> str:
+        """The scheme the client used: the listener's, or a trusted proxy's
+        X-Forwarded-Proto."""
+        if self.trusted_networks and self._trusted(request.remote):
+            return forwarded_proto(request.headers) or request.scheme
+        return request.scheme
+
+    def _client(self, request: Request) -> str | None:
+        """The client's address for the log (through trusted proxies' X-Forwarded-For)."""
+        remote = request.remote
+        if self.trusted_networks and remote:
+            return real_client(remote, request.headers, self._trusted)
+        return remote
 
     def refuse(self, request: Request, status: int, message: str) -> bytes:
         """The answer to a request refused before routing (400, 405), with the
@@ -313,7 +377,7 @@ class Proxy:
         except Exception:  # pragma: no cover - decide never raises; still an answer
             decision = _NO_DECISION
         text = f"{reason_phrase(status)}: {message}\n"
-        data = _own_response(decision, status, text)
+        data = _own_response(decision, status, text, self.request_id(request))
         if status == 405:  # RFC 9110 §15.5.6: 405 carries Allow
             end = data.index(b"\r\n\r\n")
             data = data[: end + 2] + b"Allow: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS\r\n" \
@@ -321,20 +385,24 @@ class Proxy:
         entry = _Log()
         entry.error = message
         entry.status = status
+        entry.response_bytes = len(text.encode("utf-8"))
         self._log_access(request, path, decision, entry, refused=True)
         return data
 
-    def log_refusal(self, remote: str | None, status: int, message: str) -> None:
-        """A request answered before it could be parsed (408, 431, 505, 400)."""
+    def log_refusal(self, remote: str | None, status: int, message: str) -> bytes:
+        """A request answered before it could be parsed (408, 431, 505, 400): logged
+        with a new request id, which the answer carries too."""
         self.metrics.refused_head()
-        if not ACCESS_LOGGER.isEnabledFor(logging.INFO):
-            return
-        fields: dict[str, Any] = {
-            "client": remote, "method": "-", "path": "-", "status": status, "origin": None,
-            "cors": None, "route": None, "upstream_ms": None, "ms": None, "error": message,
-            "reason": "",
-        }
-        self.write_access(access_line(self.log_format, fields))
+        request_id = new_request_id()
+        if ACCESS_LOGGER.isEnabledFor(logging.INFO):
+            fields: dict[str, Any] = {
+                "client": remote, "method": "-", "path": "-", "status": status,
+                "origin": None, "cors": None, "route": None, "request_id": request_id,
+                "upstream_us": None, "us": None, "request_bytes": None,
+                "response_bytes": None, "error": message, "reason": "",
+            }
+            self.write_access(access_line(self.log_format, fields))
+        return _id_line(request_id)
 
     async def serve(self, request: Request, response: Response) -> None:
         target = request.checked_target or check_target(request.method, request.target)
@@ -342,14 +410,17 @@ class Proxy:
         entry = _Log()
         decision: Decision | None = None
         policy = self.policy  # the request keeps this one, whatever a reload does
+        request_id = self.request_id(request)
         try:
             websocket = request.upgrade and is_handshake(request)
-            decision = policy.router.decide(_request_view(request, path, websocket))
+            decision = policy.router.decide(
+                _request_view(request, path, websocket, self._scheme(request))
+            )
             if decision.status is not None:
                 entry.status = decision.status
-                response.whole(
-                    _own_response(decision, decision.status, decision.body), decision.status
-                )
+                data = _own_response(decision, decision.status, decision.body, request_id)
+                entry.response_bytes = len(data) - data.index(b"\r\n\r\n") - 4
+                response.whole(data, decision.status)
             else:
                 await self._forward(request, response, decision, target, entry, policy)
         except asyncio.CancelledError:
@@ -360,12 +431,14 @@ class Proxy:
             else:
                 entry.error = "the client closed the connection before the response's end"
             entry.status = response.status
-            self._log_access(request, path, decision or _NO_DECISION, entry)
+            self._log_access(request, path, decision or _NO_DECISION, entry,
+                             response=response)
             raise
         except ClientError as exc:
             entry.error = str(exc)
             entry.status = response.status
-            self._log_access(request, path, decision or _NO_DECISION, entry)
+            self._log_access(request, path, decision or _NO_DECISION, entry,
+                             response=response)
             raise
         except Exception as exc:  # a bug in the proxy: still a clean answer with CORS headers
             log.exception("internal error on %s %s", request.method, path)
@@ -376,10 +449,10 @@ class Proxy:
                 response.abort()
             else:
                 entry.status = 502
-                response.whole(_own_response(
-                    decision, 502, "Bad Gateway: internal error in corsproxy; see its log\n"
-                ), 502)
-        self._log_access(request, path, decision, entry)
+                text = "Bad Gateway: internal error in corsproxy; see its log\n"
+                entry.response_bytes = len(text)
+                response.whole(_own_response(decision, 502, text, request_id), 502)
+        self._log_access(request, path, decision, entry, response=response)
 
     # -- forwarding ----------------------------------------------------------------------
 
@@ -389,8 +462,10 @@ class Proxy:
         access line also gets ``detail`` (the upstream's address, the low-level error)."""
         entry.status = status
         entry.error = cause if detail is None else f"{cause} ({detail})"
+        text = f"{reason_phrase(status)}: {cause}\n"
+        entry.response_bytes = len(text.encode("utf-8"))
         response.whole(
-            _own_response(decision, status, f"{reason_phrase(status)}: {cause}\n"), status
+            _own_response(decision, status, text, self.request_id(response.request)), status
         )
 
     async def _forward(self, request: Request, response: Response, decision: Decision,
@@ -408,12 +483,15 @@ class Proxy:
             return self._error(response, decision, entry, 417,
                                f"corsproxy only understands Expect: 100-continue, not "
                                f"{expect!r}")
+        trusted = bool(self.trusted_networks) and self._trusted(request.remote)
         headers = upstream_request_headers(
             request.headers,
             client_addr=request.remote,
             scheme=request.scheme,
             upstream_host=self.target.host,
             preserve_host=self.preserve_host,
+            request_id=self.request_id(request),
+            trusted=trusted,
         )
         websocket = decision.kind is Kind.WEBSOCKET
         if websocket:
@@ -443,7 +521,7 @@ class Proxy:
         except ValueError as exc:
             return self._error(response, decision, entry, 400,
                                "the request can't be forwarded", str(exc))
-        entry.upstream_ms = round((time.perf_counter() - sent) * 1000, 3)
+        entry.upstream_us = int((time.perf_counter() - sent) * 1e6)
         if upstream.status == 101:
             return await self._tunnel(request, response, decision, upstream, entry)
         try:
@@ -456,7 +534,8 @@ class Proxy:
         """Relay the upstream's 101, then bytes both ways until the tunnel ends."""
         entry.status = 101
         pairs = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in upstream.raw_headers]
-        headers = response_headers(pairs, decision.headers, decision.vary)
+        headers = response_headers(pairs, decision.headers, decision.vary,
+                                   self.request_id(request))
         headers.append(("Connection", "Upgrade"))
         headers.extend((n, v) for n, v in pairs if n.lower() == "upgrade")
         try:
@@ -547,7 +626,8 @@ class Proxy:
     async def _stream_back(self, request: Request, response: Response, decision: Decision,
                            upstream: UpstreamResponse, entry: _Log) -> None:
         pairs = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in upstream.raw_headers]
-        headers = response_headers(pairs, decision.headers, decision.vary)
+        headers = response_headers(pairs, decision.headers, decision.vary,
+                                   self.request_id(request))
         status = upstream.status
         entry.status = status
         names = {n.lower() for n, _ in headers}
@@ -564,6 +644,7 @@ class Proxy:
         if upstream.complete and has_length and not no_body:
             # The whole body is here and framed by its Content-Length: one write.
             data = await upstream.read()
+            entry.response_bytes = len(data)
             response.whole(
                 head + (b"" if has_date else date_line()) + _CRLF + data, status
             )
@@ -630,26 +711,38 @@ class Proxy:
     # -- logging ----------------------------------------------------------------------------
 
     def _log_access(self, request: Request, path: str, decision: Decision, entry: _Log,
-                    refused: bool = False) -> None:
-        """The access line, and the request's metrics (``refused``: before routing)."""
+                    refused: bool = False, response: Response | None = None) -> None:
+        """The access line, and the request's metrics (``refused``: before routing).
+
+        Keys: client (through trusted proxies), method, path (no query), status,
+        origin, cors (verdict), route, request_id, upstream_us (until the upstream's
+        response head), us (the whole request), request_bytes and response_bytes
+        (body bytes received and sent, without chunk framing; WebSocket tunnels
+        count up_bytes/down_bytes instead and say closed_by), error, reason."""
         elapsed = time.perf_counter() - request.started
         self.metrics.request(decision, elapsed, request, refused)
         if not ACCESS_LOGGER.isEnabledFor(logging.INFO):
             return
+        tunnel = entry.tunnel
+        sent = entry.response_bytes
+        if sent is None:
+            sent = response.sent if response is not None else 0
         fields: dict[str, Any] = {
-            "client": request.remote,
+            "client": self._client(request),
             "method": request.method,
             "path": path,
             "status": entry.status,
             "origin": ", ".join(request.get_all("origin")) or None,
             "cors": decision.verdict,
             "route": decision.route,
-            "upstream_ms": entry.upstream_ms,
-            "ms": round(elapsed * 1000, 3),
+            "request_id": self.request_id(request),
+            "upstream_us": entry.upstream_us,
+            "us": int(elapsed * 1e6),
+            "request_bytes": None if tunnel is not None else request.body.size,
+            "response_bytes": None if tunnel is not None else sent,
             "error": entry.error,
             "reason": "; ".join(decision.reasons),
         }
-        tunnel = entry.tunnel
         if tunnel is not None:
             fields["up_bytes"] = tunnel.up_bytes
             fields["down_bytes"] = tunnel.down_bytes
@@ -854,6 +947,17 @@ async def serve(
         )
         reloader.start()
         loop.add_signal_handler(signal.SIGHUP, reloader.reload)
+
+    def reopen() -> None:  # SIGUSR1: logrotate moved log.file away
+        flush = getattr(writer, "flush", None)
+        if flush is not None:
+            flush()  # what was logged so far goes to the old file
+        problem = reopen_log_file()
+        if problem is not None:
+            _event(log_format, "error", problem)
+
+    if own_signals:
+        loop.add_signal_handler(signal.SIGUSR1, reopen)
     loop_name = type(loop).__module__.partition(".")[0]  # "uvloop" or "asyncio"
     scheme = "https" if config.listen.tls else "http"
     _event(log_format, "listening", f"corsproxy listening on {scheme}://{_hostport(*bound)}, "
@@ -880,7 +984,7 @@ async def serve(
         if admin is not None:  # after the proxy's grace: /readyz said 503 all along
             await admin.stop()
         if own_signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
         flush = getattr(writer, "flush", None)
         if flush is not None:
@@ -922,20 +1026,30 @@ def _raise_fd_limit() -> None:
         pass
 
 
-def run_server(config: Config, *, log_format: str = "text", reuse_port: bool = False,
+def run_server(config: Config, *, log_format: str | None = None, reuse_port: bool = False,
                load: Callable[[], Config] | None = None) -> int:
     """Run the proxy in the foreground until SIGTERM/SIGINT; returns the exit code.
 
-    With ``listen.workers`` above 1 (or ``auto`` on a machine with several cores)
+    ``log_format`` overrides ``log.format`` (``run --log-format``). With
+    ``listen.workers`` above 1 (or ``auto`` on a machine with several cores)
     this process supervises that many worker processes (``corsproxy.workers``);
     ``reuse_port`` is how a worker runs its own server on the shared port."""
+    log_format = log_format or config.log.format
     if not reuse_port:
         from .workers import resolve_workers, run_workers
 
         count = resolve_workers(config.listen.workers)
         if count > 1:
             return run_workers(config, log_format=log_format, count=count, load=load)
-    setup_logging(log_format)
+        # SIGUSR1 (reopen the log) before its handler is set must not end the process.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        setup_logging(log_format, file=config.log.file, access=config.log.access)
+    except OSError as exc:
+        print(event_line(log_format, "error", f"cannot open log.file {config.log.file}: "
+                                              f"{describe_error(exc)}; check the path and "
+                                              f"its permissions"), file=sys.stderr, flush=True)
+        return 1
     _raise_fd_limit()
     # Everything loaded so far (the policy, pydantic) lives as long as the process:
     # move it out of the cyclic GC's reach, so the collections that request garbage

@@ -37,7 +37,7 @@ import tempfile
 import time
 from typing import TYPE_CHECKING, Any
 
-from .logs import event_line, setup_logging
+from .logs import emit, event_line, reopen_log_file, setup_logging
 
 if TYPE_CHECKING:
     from .config import Config
@@ -62,7 +62,7 @@ def resolve_workers(workers: int) -> int:
 
 
 def _say(log_format: str, event: str, message: str, **fields: Any) -> None:
-    print(event_line(log_format, event, message, **fields), file=sys.stderr, flush=True)
+    emit(event_line(log_format, event, message, **fields))
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -106,8 +106,9 @@ def _start(config: Config, log_format: str, held: socket.socket, workers: dict[i
         try:
             for sig in _STOP_SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
-            # A SIGHUP before the worker's own reload handler is set must not kill it.
+            # A SIGHUP or SIGUSR1 before the worker's own handlers are set must not kill it.
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
             code = _worker(config, log_format, held, load)
         except BaseException as exc:  # never let a child fall back into the parent's loop
@@ -131,8 +132,16 @@ def _describe_exit(status: int) -> tuple[str, bool]:
 
 def run_workers(config: Config, *, log_format: str = "text", count: int,
                 load: Any = None) -> int:
-    """Run ``count`` worker processes on ``config.listen``; returns the exit code."""
-    setup_logging(log_format)
+    """Run ``count`` worker processes on ``config.listen``; returns the exit code.
+    SIGHUP and SIGUSR1 go on to every worker (reload; reopen ``log.file``)."""
+    try:
+        setup_logging(log_format, file=config.log.file, access=config.log.access)
+    except OSError as exc:
+        from .logs import describe_error
+
+        _say(log_format, "error", f"cannot open log.file {config.log.file}: "
+                                  f"{describe_error(exc)}; check the path and its permissions")
+        return 1
     host, port = config.listen.host, config.listen.port
     try:
         held = _bind(host, port)
@@ -175,14 +184,21 @@ def run_workers(config: Config, *, log_format: str = "text", count: int,
                 pass
 
     def reload(signum: int, frame: Any) -> None:
-        for pid in list(workers):  # each worker reloads (and validates) by itself
+        # SIGHUP: each worker reloads (and validates) by itself; SIGUSR1: each
+        # reopens its log file, after this process reopened its own.
+        if signum == signal.SIGUSR1:
+            problem = reopen_log_file()
+            if problem is not None:
+                _say(log_format, "error", problem)
+        for pid in list(workers):
             try:
-                os.kill(pid, signal.SIGHUP)
+                os.kill(pid, signum)
             except ProcessLookupError:
                 pass
 
     previous = {sig: signal.signal(sig, forward) for sig in _STOP_SIGNALS}
     previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, reload)
+    previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, reload)
     _say(log_format, "workers", f"corsproxy starting {count} worker processes on port {port} "
                                 f"(listen.workers)", workers=count, port=port, pid=os.getpid())
     deaths: list[float] = []

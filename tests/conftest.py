@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import socket
 import time
@@ -349,6 +350,9 @@ def config_text(
 
 async def start_proxy(config_yaml: str, log_format: str = "text") -> Proxy:
     config = parse_config(config_yaml, "test-config.yaml")
+    # Always a free port: a file that names none would take 8080, which anything
+    # else on the machine may hold.
+    config = dataclasses.replace(config, listen=dataclasses.replace(config.listen, port=0))
     server = ProxyServer(config, log_format=log_format)
     _, port = await server.start()
     return Proxy(f"http://127.0.0.1:{port}", port, server)
@@ -499,6 +503,12 @@ async def raw_exchange(port: int, data: bytes, timeout: float = 5.0, half_close:
     result = Received(received)
     result.timed_out = timed_out
     return result
+
+
+def headers_of(raw: bytes) -> list[tuple[str, str]]:
+    """The header lines of a raw response, as (name, value) pairs in order."""
+    head = raw.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")[1:]
+    return [(n, v.strip()) for n, _, v in (line.partition(":") for line in head)]
 
 
 def status_of(raw: bytes) -> int | None:

@@ -166,6 +166,8 @@ def test_check_prints_the_effective_policy_per_route(config_file):
             "listen:   0.0.0.0:8080  (max_body_size: no limit, shutdown_grace: 10 s)",
             "upstream: http://127.0.0.1:8000  (connect_timeout: 5 s, timeout: 60 s, "
             "read_timeout: 60 s, preserve_host: false)",
+            "admin:    http://127.0.0.1:9901  (/healthz /readyz /metrics /denied)",
+            "log:      text lines to stderr",
             "",
             "cors (every path not under a route):",
             "  allow_origins:          https://app.example.com",

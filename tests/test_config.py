@@ -74,10 +74,10 @@ BAD_FILES = [
         "routes: [{path: /a, cros: {}}, {path: /b, cors: {colour: x}}]\n",
         [
             "FILE: cros: unknown key; did you mean cors? allowed keys here: listen, upstream, "
-            "cors, routes, websocket, admin",
+            "cors, routes, websocket, admin, log",
             "FILE: listen.prot: unknown key; did you mean port? allowed keys here: host, port, "
             "max_body_size, shutdown_grace, workers, header_timeout, keepalive_timeout, "
-            "body_timeout, send_timeout, max_header_size, tls",
+            "body_timeout, send_timeout, max_header_size, tls, trusted_proxies",
             "FILE: upstream.uri: unknown key; did you mean url? allowed keys here: url, "
             "connect_timeout, timeout, preserve_host, ca_file, tls_insecure_skip_verify, "
             "max_connections, idle_timeout, read_timeout",

@@ -11,12 +11,14 @@ import gzip
 import hashlib
 import io
 import json
+import re
 
 import aiohttp
 import pytest
 from conftest import (
     Reply,
     client_session,
+    headers_of,
     raw_exchange,
     raw_response,
     read_one_response,
@@ -53,6 +55,7 @@ async def test_upstream_gets_exactly_the_clients_headers_plus_forwarding_ones(
         ("x-lower-case", "kept"),
         ("Accept", "application/json"),
         ("X-Custom", "second"),
+        ("x-request-id", "client/chosen:id-1"),
         ("Authorization", "Bearer abc.def"),
         ("Connection", "keep-alive"),
     ]
@@ -67,11 +70,13 @@ async def test_upstream_gets_exactly_the_clients_headers_plus_forwarding_ones(
         ("x-lower-case", "kept"),
         ("Accept", "application/json"),
         ("X-Custom", "second"),
+        ("X-Request-Id", "client/chosen:id-1"),  # the client's id, in its place
         ("Authorization", "Bearer abc.def"),
         ("X-Forwarded-For", "127.0.0.1"),
         ("X-Forwarded-Proto", "http"),
         ("X-Forwarded-Host", "api.example.test"),
     ]
+    assert headers_of(raw).count(("X-Request-Id", "client/chosen:id-1")) == 1
 
 
 async def test_a_body_goes_upstream_with_its_content_length_and_nothing_added(
@@ -88,8 +93,12 @@ async def test_a_body_goes_upstream_with_its_content_length_and_nothing_added(
     assert seen.body == body
     # No Content-Type, Accept, Accept-Encoding or User-Agent from aiohttp's client.
     assert seen.names() == [
-        "Host", "Content-Length", "X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host",
+        "Host", "Content-Length", "X-Forwarded-For", "X-Request-Id", "X-Forwarded-Proto",
+        "X-Forwarded-Host",
     ]
+    (generated,) = seen.values("X-Request-Id")
+    assert re.fullmatch(r"[0-9a-f]{32}", generated)
+    assert [v for n, v in headers_of(raw) if n == "X-Request-Id"] == [generated]
 
 
 async def test_a_bodiless_post_gets_content_length_zero(upstream, make_proxy):
@@ -128,6 +137,7 @@ async def test_hop_by_hop_request_headers_are_removed(upstream, make_proxy):
         "Host",
         "X-End-To-End",
         "X-Forwarded-For",
+        "X-Request-Id",
         "X-Forwarded-Proto",
         "X-Forwarded-Host",
         "Transfer-Encoding",  # the proxy's own hop: it re-chunks the streamed body
@@ -285,7 +295,8 @@ async def test_hop_by_hop_response_headers_are_removed(raw_upstream, make_proxy,
     assert result.body == b"ok"
     names = [n for n, _ in result.headers if n not in ("Date", "Server")]
     assert names == [
-        "Content-Type", "Content-Length", "X-Kept", "Vary", "Access-Control-Allow-Origin"
+        "Content-Type", "Content-Length", "X-Kept", "Vary", "X-Request-Id",
+        "Access-Control-Allow-Origin",
     ]
     assert result.values("Vary") == ["Accept, Origin"]
 

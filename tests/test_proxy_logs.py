@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import pytest
 from conftest import free_port
@@ -35,7 +36,13 @@ async def test_json_lines_carry_method_path_status_origin_verdict_reason_and_tim
     assert allowed["origin"] == APP
     assert allowed["cors"] == "allowed"
     assert allowed["reason"] == f'origin: "{APP}" is allowed by allow_origins'
-    assert allowed["upstream_ms"] >= 0 and allowed["ms"] >= allowed["upstream_ms"]
+    # Whole microseconds from a monotonic clock, the upstream's part within the total.
+    assert isinstance(allowed["upstream_us"], int) and isinstance(allowed["us"], int)
+    assert 0 < allowed["upstream_us"] <= allowed["us"]
+    assert allowed["request_bytes"] == 0
+    assert allowed["response_bytes"] == len(b"hello from upstream\n")
+    assert re.fullmatch(r"[0-9a-f]{32}", allowed["request_id"])
+    assert allowed["request_id"] != plain["request_id"]
     assert allowed["client"] == "127.0.0.1"
     assert allowed["error"] is None and allowed["route"] is None
     assert allowed["time"].endswith("Z")
@@ -50,7 +57,8 @@ async def test_text_lines_are_one_line_with_key_value_fields(upstream, make_prox
     assert "\n" not in line
     assert " 127.0.0.1 POST /pay 403 origin=https://evil.example cors=rejected " in line
     assert 'reason="origin: \\"https://evil.example\\" is not allowed by allow_origins' in line
-    assert "upstream_ms" not in line  # nothing went upstream
+    assert "upstream_us" not in line  # nothing went upstream
+    assert " request_bytes=1 " in line
 
 
 async def test_proxy_made_errors_are_logged_with_their_cause(make_proxy, http, caplog):

@@ -1887,7 +1887,8 @@ async def test_whole_small_responses_are_byte_identical_to_the_streamed_path(
         upstream_url=server.url,
     )
     origin = b"Origin: https://app.example.com\r\n"
-    request = b"GET /x HTTP/1.1\r\nHost: h\r\n" + origin + b"\r\n"
+    # One client-chosen request id for both, so the answers can be equal.
+    request = b"GET /x HTTP/1.1\r\nHost: h\r\nX-Request-Id: same-id\r\n" + origin + b"\r\n"
     fast = await raw_response(proxy.port, request)
     monkeypatch.setattr(corsproxy.upstream.UpstreamResponse, "complete",
                         property(lambda self: False))
