@@ -52,7 +52,7 @@ _RANGE_HINTS = {
     "port": "0 picks any free port",
     "max_body_size": "it is in bytes; write null for no limit",
     "shutdown_grace": "seconds; 0 means stop at once",
-    "workers": "processes; auto or 0 means one per CPU core",
+    "workers": "processes; auto or 0 means one per usable CPU",
     "connect_timeout": "seconds; fractions like 0.5 are fine",
     "timeout": "seconds; fractions like 0.5 are fine",
     "read_timeout": "seconds; null means no limit",

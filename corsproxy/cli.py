@@ -80,11 +80,11 @@ def _workers(value: str) -> int:
         workers = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{value!r} is not a number of processes; write e.g. 2, or auto (one per CPU core)"
+            f"{value!r} is not a number of processes; write e.g. 2, or auto (one per usable CPU)"
         ) from None
     if not 0 <= workers <= MAX_WORKERS:
         raise argparse.ArgumentTypeError(
-            f"{workers} processes: use 1 to {MAX_WORKERS}, or auto (one per CPU core)"
+            f"{workers} processes: use 1 to {MAX_WORKERS}, or auto (one per usable CPU)"
         )
     return workers
 
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", metavar="PORT", type=_port, help="override listen.port")
     p.add_argument(
         "--workers", metavar="N", type=_workers,
-        help="override listen.workers: processes sharing the port (auto: one per CPU core)",
+        help="override listen.workers: processes sharing the port (auto: one per usable CPU)",
     )
     p.add_argument(
         "--log-format", choices=("text", "json"), default=None,
@@ -271,10 +271,11 @@ def _policy_lines(s: CorsSettings, base: CorsSettings | None = None) -> list[str
 
 
 def _workers_note(workers: int) -> str:
-    """``listen.workers`` for the check summary; nothing for the default (1)."""
-    if workers == 1:
-        return ""
-    return ", workers: auto (one per CPU core)" if workers == 0 else f", workers: {workers}"
+    """``listen.workers`` for the check summary: the count and why."""
+    from .workers import resolve_workers, workers_note
+
+    count = resolve_workers(workers)
+    return f", {count} worker{'s' if count != 1 else ''} ({workers_note(workers)})"
 
 
 def _seconds(value: float | None) -> str:

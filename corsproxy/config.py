@@ -120,13 +120,14 @@ class ListenConfig:
     """Where the proxy listens. ``port`` 0 picks any free port; ``max_body_size`` is
     in bytes (``None``: no limit); ``shutdown_grace`` is seconds for in-flight
     requests after SIGTERM; ``workers`` is the number of processes sharing the port
-    (``0``, written ``auto`` in the file: one per CPU core)."""
+    (``0``, written ``auto`` in the file and the default: one per CPU this process
+    may use, see :mod:`corsproxy.cpus`)."""
 
     host: str = "127.0.0.1"
     port: int = 8080
     max_body_size: int | None = None
     shutdown_grace: float = 10.0
-    workers: int = 1
+    workers: int = 0
     header_timeout: float = 10.0
     keepalive_timeout: float = 75.0
     body_timeout: float = 60.0
@@ -255,13 +256,13 @@ MAX_WORKERS = 512
 
 
 def _auto_workers(value: Any) -> Any:
-    """``workers: auto`` is stored as 0 (one process per CPU core)."""
+    """``workers: auto`` is stored as 0 (one process per usable CPU)."""
     if value == "auto":
         return 0
     if isinstance(value, str):
         raise _fail(
             f"expected a whole number or auto, got the string {json.dumps(value)}; "
-            f"for example: workers: 2 (or auto: one per CPU core)"
+            f"for example: workers: 2 (or auto: one per usable CPU)"
         )
     return value
 
@@ -337,11 +338,13 @@ class ListenModel(BaseModel):
     workers: Annotated[
         int, BeforeValidator(_auto_workers, json_schema_input_type=int | Literal["auto"])
     ] = Field(
-        1,
+        0,
         ge=0,
         le=MAX_WORKERS,
-        description="Processes serving the port (SO_REUSEPORT); auto (or 0) means one per "
-        "CPU core.",
+        description="Processes serving the port (SO_REUSEPORT); auto (or 0, the default) "
+        "means one per CPU this process may use: its affinity mask and its cgroup CPU quota "
+        "(a container limited to 2 CPUs runs 2).",
+        json_schema_extra={"default": "auto"},
     )
     header_timeout: float = Field(
         10.0, gt=0, allow_inf_nan=False,

@@ -960,11 +960,17 @@ async def serve(
         loop.add_signal_handler(signal.SIGUSR1, reopen)
     loop_name = type(loop).__module__.partition(".")[0]  # "uvloop" or "asyncio"
     scheme = "https" if config.listen.tls else "http"
+    workers: dict[str, Any] = {}
+    if not reuse_port:  # one process: say why one (a worker's parent said it for all)
+        from .workers import workers_note
+
+        workers = {"workers": 1, "why": workers_note(config.listen.workers)}
     _event(log_format, "listening", f"corsproxy listening on {scheme}://{_hostport(*bound)}, "
                                     f"forwarding to {config.upstream.url} ({loop_name})"
-                                    f"{admin_note(admin)}",
+                                    f"{admin_note(admin)}"
+                                    + (f"; 1 worker ({workers['why']})" if workers else ""),
            host=bound[0], port=bound[1], upstream=config.upstream.url, loop=loop_name,
-           pid=os.getpid(), **admin_fields(admin))
+           pid=os.getpid(), **admin_fields(admin), **workers)
     if ready is not None:
         ready(bound[0], bound[1])
     grace = config.listen.shutdown_grace

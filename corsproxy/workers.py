@@ -37,12 +37,13 @@ import tempfile
 import time
 from typing import TYPE_CHECKING, Any
 
+from .cpus import usable_cpus
 from .logs import emit, event_line, reopen_log_file, setup_logging
 
 if TYPE_CHECKING:
     from .config import Config
 
-__all__ = ["MAX_RESTARTS", "RESTART_WINDOW", "resolve_workers", "run_workers"]
+__all__ = ["MAX_RESTARTS", "RESTART_WINDOW", "resolve_workers", "run_workers", "workers_note"]
 
 #: More than this many worker deaths within RESTART_WINDOW seconds: give up, exit 1.
 MAX_RESTARTS = 5
@@ -53,12 +54,17 @@ _held_admin: list[socket.socket] = []
 
 
 def resolve_workers(workers: int) -> int:
-    """``listen.workers`` as a process count: 0 (``auto``) is one per CPU core."""
+    """``listen.workers`` as a process count: 0 (``auto``) is one per usable CPU
+    (:func:`corsproxy.cpus.usable_cpus`: the affinity mask and the cgroup quota)."""
+    return workers if workers > 0 else usable_cpus().count
+
+
+def workers_note(workers: int) -> str:
+    """How the worker count came about, for the start-up line and ``check``."""
     if workers > 0:
-        return workers
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-        os.cpu_count() or 1
-    )
+        return f"listen.workers: {workers}"
+    limit = usable_cpus()
+    return f"listen.workers: auto = {limit.count}: {limit.why}"
 
 
 def _say(log_format: str, event: str, message: str, **fields: Any) -> None:
@@ -93,6 +99,7 @@ def _start(config: Config, log_format: str, held: socket.socket, workers: dict[i
     """Fork worker ``number``. The stop signals are blocked around the fork, so the
     parent's forwarding handler never runs in a child and never misses a new pid."""
     sys.stderr.flush()
+    parent = os.getpid()
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
         pid = os.fork()
@@ -104,6 +111,7 @@ def _start(config: Config, log_format: str, held: socket.socket, workers: dict[i
     if pid == 0:  # pragma: no cover - runs in the child (tests see it as a process)
         code = 1
         try:
+            _die_with_parent(parent)
             for sig in _STOP_SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
             # A SIGHUP or SIGUSR1 before the worker's own handlers are set must not kill it.
@@ -119,6 +127,22 @@ def _start(config: Config, log_format: str, held: socket.socket, workers: dict[i
                 sys.stderr.flush()
             finally:
                 os._exit(code)
+
+
+def _die_with_parent(parent: int) -> None:
+    """In a new worker: get SIGTERM when the parent dies (PR_SET_PDEATHSIG), so a
+    parent killed with SIGKILL (OOM killer, ``docker kill``) leaves no orphaned
+    workers holding the port; the SIGTERM is a graceful stop. A parent already
+    gone before this ran: exit at once."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - not Linux: no such guard
+        return
+    if os.getppid() != parent:
+        os._exit(0)
 
 
 def _describe_exit(status: int) -> tuple[str, bool]:
@@ -199,8 +223,10 @@ def run_workers(config: Config, *, log_format: str = "text", count: int,
     previous = {sig: signal.signal(sig, forward) for sig in _STOP_SIGNALS}
     previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, reload)
     previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, reload)
+    note = workers_note(config.listen.workers)
     _say(log_format, "workers", f"corsproxy starting {count} worker processes on port {port} "
-                                f"(listen.workers)", workers=count, port=port, pid=os.getpid())
+                                f"({note})", workers=count, port=port, pid=os.getpid(),
+         why=note)
     deaths: list[float] = []
     failed = False
     try:

@@ -337,7 +337,8 @@ def config_text(
     admin: dict | None = None,
 ) -> str:
     data: dict[str, Any] = {
-        "listen": {"host": "127.0.0.1", "port": 0, **(listen or {})},
+        # One process unless a test asks (the default, auto, runs one per CPU).
+        "listen": {"host": "127.0.0.1", "port": 0, "workers": 1, **(listen or {})},
         "upstream": {"url": upstream_url, "connect_timeout": 2, "timeout": 10, **(upstream or {})},
         "cors": cors if cors is not None else {"allow_origins": ["https://app.example.com"]},
         # Off unless a test asks: processes started at once would share its default port.

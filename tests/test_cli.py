@@ -155,6 +155,15 @@ def test_missing_config_in_a_real_process():
 # -- check ------------------------------------------------------------------------
 
 
+def workers_text() -> str:
+    """What check says about the default ``workers: auto`` on this machine."""
+    from corsproxy.cpus import usable_cpus
+
+    limit = usable_cpus()
+    return (f"{limit.count} worker{'s' if limit.count != 1 else ''} (listen.workers: auto = "
+            f"{limit.count}: {limit.why})")
+
+
 def test_check_prints_the_effective_policy_per_route(config_file):
     result = corsproxy("check", "--config", str(config_file))
     assert (result.returncode, result.stderr) == (0, "")
@@ -163,7 +172,8 @@ def test_check_prints_the_effective_policy_per_route(config_file):
         [
             f"{config_file}: OK",
             "",
-            "listen:   0.0.0.0:8080  (max_body_size: no limit, shutdown_grace: 10 s)",
+            "listen:   0.0.0.0:8080  (max_body_size: no limit, shutdown_grace: 10 s, "
+            f"{workers_text()})",
             "upstream: http://127.0.0.1:8000  (connect_timeout: 5 s, timeout: 60 s, "
             "read_timeout: 60 s, preserve_host: false)",
             "admin:    http://127.0.0.1:9901  (/healthz /readyz /metrics /denied)",

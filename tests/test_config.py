@@ -815,7 +815,7 @@ def test_any_text_gives_a_config_or_config_error(text):
 @pytest.mark.parametrize(
     ("text", "workers"),
     [("listen: {workers: 4}", 4), ("listen: {workers: auto}", 0), ("listen: {workers: 0}", 0),
-     ("listen: {}", 1)],
+     ("listen: {}", 0)],  # the default is auto
 )
 def test_workers_is_a_count_or_auto(text, workers):
     assert parse_config(text, "FILE").listen.workers == workers
@@ -825,11 +825,11 @@ def test_workers_is_a_count_or_auto(text, workers):
     ("text", "error"),
     [
         ('listen: {workers: "4"}', 'expected a whole number or auto, got the string "4"; '
-                                   "for example: workers: 2 (or auto: one per CPU core)"),
+                                   "for example: workers: 2 (or auto: one per usable CPU)"),
         ("listen: {workers: -1}", "must be 0 or more, got -1 (processes; auto or 0 means one per "
-                                  "CPU core); for example: workers: auto"),
+                                  "usable CPU); for example: workers: auto"),
         ("listen: {workers: 513}", "must be at most 512, got 513 (processes; auto or 0 means one "
-                                   "per CPU core); for example: workers: auto"),
+                                   "per usable CPU); for example: workers: auto"),
         ("listen: {workers: 1.5}", "expected a whole number, got the number 1.5; for example: "
                                    "workers: auto"),
     ],

@@ -177,8 +177,8 @@ def test_auto_is_one_worker_per_usable_core():
 
 @pytest.mark.parametrize(
     ("value", "message"),
-    [("many", "'many' is not a number of processes; write e.g. 2, or auto (one per CPU core)"),
-     ("-1", "-1 processes: use 1 to 512, or auto (one per CPU core)")],
+    [("many", "'many' is not a number of processes; write e.g. 2, or auto (one per usable CPU)"),
+     ("-1", "-1 processes: use 1 to 512, or auto (one per usable CPU)")],
 )
 def test_bad_workers_options_are_usage_errors(value, message, capsys, tmp_path):
     from corsproxy.cli import main
@@ -189,9 +189,9 @@ def test_bad_workers_options_are_usage_errors(value, message, capsys, tmp_path):
 
 @pytest.mark.parametrize(
     ("workers", "note"),
-    [("1", ""), ("3", ", workers: 3"), ("auto", ", workers: auto (one per CPU core)")],
+    [("1", ", 1 worker (listen.workers: 1)"), ("3", ", 3 workers (listen.workers: 3)")],
 )
-def test_check_shows_workers_unless_the_default(workers, note, tmp_path, capsys):
+def test_check_shows_how_many_workers_and_why(workers, note, tmp_path, capsys):
     from corsproxy.cli import main
 
     path = tmp_path / "w.yaml"
@@ -200,3 +200,38 @@ def test_check_shows_workers_unless_the_default(workers, note, tmp_path, capsys)
     out = capsys.readouterr().out
     line = f"listen:   127.0.0.1:8080  (max_body_size: no limit, shutdown_grace: 10 s{note})\n"
     assert line in out
+
+
+def test_check_shows_what_auto_comes_to(tmp_path, capsys):
+    from corsproxy.cli import main
+    from corsproxy.cpus import usable_cpus
+
+    path = tmp_path / "w.yaml"
+    path.write_text(f"cors: {{allow_origins: [{APP}]}}\n")  # auto is the default
+    assert main(["check", "--config", str(path)]) == 0
+    limit = usable_cpus()
+    count = f"{limit.count} worker{'s' if limit.count != 1 else ''}"
+    assert (f"shutdown_grace: 10 s, {count} (listen.workers: auto = {limit.count}: "
+            f"{limit.why}))\n") in capsys.readouterr().out
+
+
+async def test_workers_stop_when_their_parent_is_killed(start_workers):
+    # SIGKILL to the parent (the OOM killer, `docker kill`): no orphan keeps the port.
+    proxy = await start_workers("2")
+    listening = await proxy.wait_for(lambda r: r.get("event") == "listening", count=2)
+    pids = [r["pid"] for r in listening]
+    proxy.proc.kill()
+    await proxy.proc.wait()
+    stopped = await proxy.wait_for(lambda r: r.get("event") == "stopped", count=2, timeout=15)
+    assert len(stopped) == 2
+    async with asyncio.timeout(15):
+        while any(alive(pid) for pid in pids):
+            await asyncio.sleep(0.05)
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for init to reap it does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False

@@ -236,7 +236,7 @@ def write_config(directory: Path, upstream: dict, *, listen: dict | None = None,
                  cors: dict | None = None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     data = {
-        "listen": {"host": "127.0.0.1", "port": 0, **(listen or {})},
+        "listen": {"host": "127.0.0.1", "port": 0, "workers": 1, **(listen or {})},
         "upstream": {"connect_timeout": 2, "timeout": 10, **upstream},
         "cors": cors if cors is not None else {"allow_origins": [APP]},
         "admin": {"port": None},
