@@ -3,11 +3,12 @@
 Requests/s move with whatever else runs on a shared machine; the proxy's own CPU time
 per request moves much less, so this is the number to compare two versions with:
 
-    python benchmarks/cpu_per_request.py ROOT [PATH] [SECONDS]
+    python benchmarks/cpu_per_request.py ROOT [PATH] [SECONDS] [nolog]
 
 ROOT is a directory holding the corsproxy package to measure (e.g. this checkout, or a
 worktree of another commit); PATH is /small.json (81 bytes, default) or /1mib.bin.
-A tiny uvloop upstream and corsproxy run on loopback ports, wrk (Debian) loads the
+``nolog`` turns the access log off (``log.access: false``), to measure what it costs.
+A tiny uvloop upstream and corsproxy (one worker) run on loopback ports, wrk (Debian) loads the
 proxy with 50 connections for 2 s of warm-up and SECONDS (default 6) measured; every
 process is stopped at the end. Run two versions alternately, a few rounds each.
 """
@@ -24,6 +25,14 @@ ROOT = os.path.abspath(sys.argv[1])  # directory holding the corsproxy package t
 PATH = sys.argv[2] if len(sys.argv) > 2 else "/small.json"
 DUR = sys.argv[3] if len(sys.argv) > 3 else "6"
 CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corsproxy.yaml")
+if "nolog" in sys.argv[4:]:
+    import tempfile
+
+    with open(CONF) as f:
+        text = f.read() + "\nlog: {access: false}\n"
+    CONF = os.path.join(tempfile.mkdtemp(prefix="corsproxy-bench-"), "corsproxy.yaml")
+    with open(CONF, "w") as f:
+        f.write(text)
 
 UPSTREAM = r"""
 import asyncio, uvloop, os, sys
