@@ -372,11 +372,13 @@ async def test_the_log_file_gets_every_line_and_sigusr1_reopens_it(upstream, tmp
         await asyncio.sleep(0.5)
         after = await get_ids(run.port, "after", 20)
         lines = await run.wait_for(log_file, lambda lines: len(access(lines)) == 20)
-        assert [r["request_id"] for r in access(lines)] == after
+        # Each process writes its lines in batches: across workers, file order is
+        # batch order, not request order.
+        assert sorted(r["request_id"] for r in access(lines)) == sorted(after)
         if workers == 2:  # both workers wrote to the new file
             assert len({r["pid"] for r in access(lines)}) == 2
         old = moved.read_text().splitlines()
-        assert [r["request_id"] for r in access(old)] == before
+        assert sorted(r["request_id"] for r in access(old)) == sorted(before)
         code, output = await run.stop()
         assert code == 0
         final = log_file.read_text().splitlines()

@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import re
+import select
+import socket
 
 import pytest
 from conftest import (
@@ -26,7 +28,7 @@ from conftest import (
 
 from corsproxy import server
 from corsproxy.config import parse_config
-from corsproxy.logs import AccessTemplate, AccessWriter, access_line
+from corsproxy.logs import FLUSH_INTERVAL, FLUSH_LINES, AccessTemplate, AccessWriter, access_line
 
 APP = "https://app.example.com"
 POLICY = {
@@ -172,16 +174,34 @@ def test_precomputed_access_lines_equal_the_general_ones(log_format, client, pat
         assert list(json.loads(fast)) == list(json.loads(slow))
 
 
-async def test_the_writer_batches_one_loop_iteration_into_whole_lines():
+def read_pipe(fd: int, size: int, timeout: float = 5.0) -> bytes:
+    """``size`` bytes from a pipe, each read bounded by ``timeout``."""
+    data = b""
+    while len(data) < size:
+        ready, _, _ = select.select([fd], [], [], timeout)
+        assert ready, f"only {len(data)} of {size} bytes within {timeout} s"
+        data += os.read(fd, 1 << 20)
+    return data
+
+
+async def test_the_writer_batches_lines_for_a_flush_interval():
     read_fd, write_fd = os.pipe()
+    lines = [f"line {i} " + "x" * 40 for i in range(500)]
+    expected = ("\n".join(lines) + "\n").encode()
     try:
         with os.fdopen(write_fd, "w", closefd=False) as stream:
             writer = AccessWriter(stream)
-            for i in range(500):
-                writer(f"line {i} " + "x" * 40)
-            await asyncio.sleep(0)  # the flush runs at the end of this iteration
-            data = os.read(read_fd, 1 << 20)
-        assert data.decode().split("\n") == [f"line {i} " + "x" * 40 for i in range(500)] + [""]
+            for line in lines:
+                writer(line)
+            await asyncio.sleep(0)
+            assert select.select([read_fd], [], [], 0)[0] == []  # nothing yet: batched
+            await asyncio.sleep(FLUSH_INTERVAL * 2)
+            assert read_pipe(read_fd, len(expected)) == expected
+            # FLUSH_LINES waiting lines go out at once, without the timer.
+            for i in range(FLUSH_LINES):
+                writer(f"n{i}")
+            burst = ("\n".join(f"n{i}" for i in range(FLUSH_LINES)) + "\n").encode()
+            assert read_pipe(read_fd, len(burst), timeout=0.01 + FLUSH_INTERVAL / 2) == burst
         text = io.StringIO()
         plain = AccessWriter(text)
         plain("one")
@@ -190,6 +210,40 @@ async def test_the_writer_batches_one_loop_iteration_into_whole_lines():
     finally:
         os.close(read_fd)
         os.close(write_fd)
+
+
+def test_a_pipe_gets_whole_lines_of_at_most_pipe_buf_per_write():
+    # Workers share one stderr pipe, where a write of at most PIPE_BUF (4096) bytes
+    # is atomic: every write must end at a line's end. A SOCK_SEQPACKET socket keeps
+    # each write as one message, so the test sees the writes themselves.
+    class Stream:
+        def __init__(self, sock: socket.socket) -> None:
+            self.sock = sock
+
+        def fileno(self) -> int:
+            return self.sock.fileno()
+
+        def flush(self) -> None:
+            pass
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        writer = AccessWriter(Stream(ours))
+        lines = [f"{i:04d} " + "y" * (37 + i % 50) for i in range(400)]
+        for line in lines:
+            writer(line)
+        writer.flush()  # no loop timer needed
+        theirs.settimeout(5)
+        messages = []
+        while sum(map(len, messages)) < sum(len(x) + 1 for x in lines):
+            messages.append(theirs.recv(1 << 16))
+        assert len(messages) > 1
+        assert all(len(m) <= 4096 and m.endswith(b"\n") for m in messages)
+        assert b"".join(messages).decode().split("\n") == lines + [""]
+    finally:
+        ours.close()
+        theirs.close()
 
 
 async def test_serve_runs_the_same_proxy_server(upstream, caplog):
