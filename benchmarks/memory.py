@@ -132,7 +132,7 @@ async def start_proxy(upstream_port: int, workers: int, log_path: Path
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "corsproxy", "run", "--config", str(config), "--host", "127.0.0.1",
         "--port", str(port), "--upstream", f"http://127.0.0.1:{upstream_port}",
-        *(("--workers", str(workers)) if workers != 1 else ()),
+        "--workers", str(workers),  # always: the default, auto, is one per CPU
         stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, cwd=ROOT,
     )
     log.close()
