@@ -30,6 +30,7 @@ the access line).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -128,8 +129,6 @@ def real_client(peer: str, pairs: Sequence[tuple[str, str]], trusted: Any) -> st
 
 
 def _is_ip(text: str) -> bool:
-    import ipaddress
-
     try:
         ipaddress.ip_address(text)
     except ValueError:

@@ -40,7 +40,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import free_port
 from docker_engine import Engine, EngineError, missing_tools, new_engine
+from http_replies import Reply, send
 
 REPO = Path(__file__).resolve().parent.parent
 STANDIN = "corsproxy-test/standin:bookworm"
@@ -129,12 +131,6 @@ def image(engine: Engine, standin: str) -> str:
 # ---------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def port_is_free(port: int) -> bool:
     with socket.socket() as s:
         try:
@@ -164,38 +160,6 @@ def wait_listening(engine: Engine, name: str, port: int) -> None:
 def logs(engine: Engine, name: str) -> str:
     result = engine.docker("logs", name, timeout=30)
     return result.stdout + result.stderr
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-
-    def cors(self) -> dict[str, str]:
-        """Every Access-Control-* header; a name sent twice fails the test."""
-        found: dict[str, str] = {}
-        for name, value in self.headers:
-            if name.lower().startswith("access-control-"):
-                assert name.lower() not in {k.lower() for k in found}, f"{name} sent twice"
-                found[name] = value
-        return found
-
-    def header(self, name: str) -> str | None:
-        values = [v for k, v in self.headers if k.lower() == name.lower()]
-        assert len(values) <= 1, f"{name} sent {len(values)} times: {values}"
-        return values[0] if values else None
-
-
-def send(port: int, method: str, path: str, headers: dict[str, str],
-         timeout: float = 10) -> Reply:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request(method, path, headers=headers)
-        resp = conn.getresponse()
-        return Reply(resp.status, resp.getheaders(), resp.read())
-    finally:
-        conn.close()
 
 
 #: The upstream: a JSON API on the stand-in base that sends its own ACAO (the proxy

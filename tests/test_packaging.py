@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ast
 import fnmatch
-import http.client
 import json
 import os
 import shlex
@@ -41,6 +40,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import free_port
+from http_replies import send
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"
@@ -59,12 +60,6 @@ PREFLIGHT_VARY = (
 # ---------------------------------------------------------------------------
 # Helpers: ports, processes, requests
 # ---------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_listening(proc: subprocess.Popen, port: int, log: Path) -> None:
@@ -125,37 +120,6 @@ def stop(item: Started) -> int:
         return item.proc.wait(STOP_TIMEOUT)
     except subprocess.TimeoutExpired:
         pytest.fail(f"{item.proc.args} still runs {STOP_TIMEOUT:.0f} s after SIGTERM")
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-
-    def cors(self) -> dict[str, str]:
-        """Every Access-Control-* header; a name sent twice fails the test."""
-        found: dict[str, str] = {}
-        for name, value in self.headers:
-            if name.lower().startswith("access-control-"):
-                assert name.lower() not in {k.lower() for k in found}, f"{name} sent twice"
-                found[name] = value
-        return found
-
-    def header(self, name: str) -> str | None:
-        values = [v for k, v in self.headers if k.lower() == name.lower()]
-        assert len(values) <= 1, f"{name} sent {len(values)} times: {values}"
-        return values[0] if values else None
-
-
-def send(port: int, method: str, path: str, headers: dict[str, str]) -> Reply:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request(method, path, headers=headers)
-        resp = conn.getresponse()
-        return Reply(resp.status, resp.getheaders(), resp.read())
-    finally:
-        conn.close()
 
 
 class RecordingUpstream:
