@@ -57,8 +57,9 @@ def origin_problem(value: str) -> str | None:
     or None when it is fine.
 
     Accepted: ``"*"``, ``"null"``, ``scheme://host[:port]`` exactly as a browser
-    serialises an origin (lower case, no path, no default port), and the pattern
-    ``scheme://*.host[:port]`` (one or more labels in place of ``*``).
+    serialises an origin (lower case, no path, no default port), the pattern
+    ``scheme://*.host[:port]`` (one or more labels in place of ``*``), and the
+    port wildcard ``scheme://host:*`` / ``scheme://*.host:*`` (any explicit port).
     """
     if value in ("*", "null"):
         return None
@@ -73,12 +74,15 @@ def origin_problem(value: str) -> str | None:
     scheme, _, rest = value.rpartition("://")
     hostport = re.split(r"[/?#]", rest, maxsplit=1)[0]
     after = rest[len(hostport) :]
+    any_port = hostport.endswith(":*")
+    if any_port:
+        hostport = hostport[:-2]
     wildcard = hostport.startswith("*.")
     if "*" in scheme or "*" in (hostport[2:] if wildcard else hostport) or "*" in after:
         return (
-            f'{shown}: "*" is only allowed as the whole value "*" or as a leading "*." label '
-            f'after the scheme, e.g. "https://*.example.com" (for anything else use '
-            f"allow_origin_regex)"
+            f'{shown}: "*" is only allowed as the whole value "*", as a leading "*." label '
+            f'after the scheme, e.g. "https://*.example.com", or as the whole port, e.g. '
+            f'"http://localhost:*" (for anything else use allow_origin_regex)'
         )
     if "://" not in value:
         return f"{shown} needs a scheme, e.g. {json.dumps(_fixed_origin(value))}"
@@ -110,6 +114,12 @@ def origin_problem(value: str) -> str | None:
             host, port = host[: end + 1], host[end + 2 :]
     elif ":" in host:
         host, port = host.rsplit(":", 1)
+    if port is not None and any_port:
+        return (
+            f'{shown} has two ports; ":*" stands for any port: write '
+            f"{json.dumps(value.replace(':' + port + ':*', ':*', 1))} for any port, or "
+            f"{json.dumps(value[:-2])} for port {port} only"
+        )
     if port is not None:
         if not port.isdigit() or not 0 < int(port) <= 65535:
             return f"{shown} has an invalid port {json.dumps(port)}; use 1-65535 or no port"
@@ -135,11 +145,12 @@ def _check_origin(value: str) -> str:
 
 
 def _check_regex(value: str | None) -> str | None:
+    """One ``allow_origin_regex`` pattern (the whole value, or one list item)."""
     if value is None:
         return None
     if value == "":
         raise _fail(
-            "is empty; write null for no regex, or a pattern such as "
+            "is empty; remove it (null or [] means no regex), or write a pattern such as "
             r'"https://[a-z0-9-]+\.example\.com"'
         )
     try:

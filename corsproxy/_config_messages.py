@@ -47,7 +47,13 @@ _EXAMPLES = {
     "path": "path: /api",
 }
 
-_STR_LISTS = ("allow_origins", "allow_methods", "allow_headers", "expose_headers")
+_STR_LISTS = (
+    "allow_origins",
+    "allow_origin_regex",
+    "allow_methods",
+    "allow_headers",
+    "expose_headers",
+)
 _RANGE_HINTS = {
     "port": "0 picks any free port",
     "max_body_size": "it is in bytes; write null for no limit",

@@ -18,9 +18,26 @@ its cached upstream check is older than :data:`UPSTREAM_CHECK_TTL`:
 - ``GET /denied``: JSON ``{"kept": 100, "denied": [...]}``: the last 100 distinct
   (origin, route, reason) denials, most recent first, with ``count``,
   ``first_seen`` and ``last_seen``. ``route`` is null for the top-level policy.
+- ``GET /``: the page (:mod:`corsproxy.dashboard`; its files are ``/ui/...``): the
+  policy, the denied origins, the report-only disagreements, the reloads and an
+  explain form, refreshed every few seconds from the JSON below.
+- ``GET /api/policy``: JSON, the effective policy of the top-level ``cors`` and of
+  every route, read from the policy in use (a reload shows at once).
+- ``GET /api/status``: JSON, version, pid, config file, upstream, readiness, when
+  the policy in use was loaded and the reload history (this process's).
+- ``GET /api/report``: JSON ``{"kept": 100, "disagreements": [...]}``: the last 100
+  distinct report-only disagreements (origin, route, kind, direction, detail),
+  most recent first, with counts and ISO times like ``/denied``.
+- ``GET /api/explain?origin=...&method=...&path=...&request_method=...&
+  request_headers=...&request_private_network=1&host=...&websocket=1``: the JSON
+  object ``corsproxy explain --json`` prints for that request (the same code); 400
+  ``{"error": "..."}`` for a query that describes no request.
 
-Anything else is 404, any method but GET 405. Admin requests are never written to
-the access log, never counted in the proxy's metrics and never forwarded.
+Anything else is 404, any method but GET 405. Every answer carries
+``Cache-Control: no-store`` and :data:`corsproxy.dashboard.SECURITY_HEADERS` (a
+Content-Security-Policy allowing nothing but the listener's own files,
+``nosniff``, no referrer, no framing). Admin requests are never written to the
+access log, never counted in the proxy's metrics and never forwarded.
 
 Several workers (``listen.workers``): every worker binds the admin port with
 ``SO_REUSEPORT`` (the parent holds it, like the main port), so any of them answers;
@@ -31,7 +48,8 @@ are the answering worker's own.
 
 Bounds: the ``listen.*`` timeouts, capped short (:func:`admin_limits`): an admin
 client has at most 5 s for a request head or body, 10 s to take a response, 30 s
-idle between keep-alive requests; request heads up to 8 KiB.
+idle between keep-alive requests; request heads up to 8 KiB (an
+``/api/explain`` query included).
 """
 
 from __future__ import annotations
@@ -45,6 +63,16 @@ from urllib.parse import urlsplit
 
 from ._wire import date_line, reason_phrase
 from .core import DEFAULT_PORTS
+from .dashboard import (
+    SECURITY_HEADERS,
+    BadQuery,
+    asset,
+    explain_query,
+    policy_json,
+    report_json,
+    status_json,
+    with_iso,
+)
 from .httpserver import HttpServer, Limits, Request, Response
 from .logs import describe_error
 from .metrics import CONTENT_TYPE, DENIED_KEPT, REFRESH
@@ -70,6 +98,8 @@ UPSTREAM_CHECK_TTL = 1.0
 ADMIN_GRACE = 0.5
 _TEXT = "text/plain; charset=utf-8"
 _JSON = "application/json"
+NOT_FOUND = ("Not Found: the admin endpoints are / (the page), /api/policy, /api/status, "
+             "/api/report, /api/explain, /healthz, /readyz, /metrics and /denied\n")
 
 
 def admin_limits(config: Config) -> Limits:
@@ -89,7 +119,7 @@ def _response(request: Request | None, status: int, body: bytes, content_type: s
     """A whole response (the server adds its Connection line)."""
     head = (
         f"HTTP/1.1 {status} {reason_phrase(status)}\r\nContent-Type: {content_type}\r\n"
-        f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n{extra}"
+        f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n{SECURITY_HEADERS}{extra}"
     ).encode("latin-1")
     if request is not None and request.method == "HEAD":
         body = b""
@@ -100,10 +130,9 @@ def _text(request: Request, status: int, text: str) -> bytes:
     return _response(request, status, text.encode("utf-8"))
 
 
-def _iso(ts: float) -> str:
-    whole = int(ts)
-    return (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-            + f".{int((ts - whole) * 1000):03d}Z")
+def _json(request: Request, status: int, data: Any) -> bytes:
+    body = json.dumps(data, indent=2) + "\n"
+    return _response(request, status, body.encode("utf-8"), _JSON)
 
 
 def _hostport(host: str, port: int) -> str:
@@ -157,14 +186,18 @@ class AdminApp:
         if path == "/metrics":
             return _response(request, 200, self.metrics.render(**self.sample()), CONTENT_TYPE)
         if path == "/denied":
-            entries = self.metrics.denied()
-            for entry in entries:
-                entry["first_seen"] = _iso(entry["first_seen"])
-                entry["last_seen"] = _iso(entry["last_seen"])
-            body = json.dumps({"kept": DENIED_KEPT, "denied": entries}, indent=2) + "\n"
-            return _response(request, 200, body.encode("utf-8"), _JSON)
-        return _text(request, 404, "Not Found: the admin endpoints are /healthz, /readyz, "
-                                   "/metrics and /denied\n")
+            return _json(request, 200, {"kept": DENIED_KEPT,
+                                        "denied": with_iso(self.metrics.denied())})
+        if path.startswith("/api/"):
+            return self._api(request, path)
+        try:
+            page = asset(path)
+        except OSError as exc:  # pragma: no cover - a broken installation
+            return _text(request, 500, f"the page's files are missing from this installation "
+                                       f"(corsproxy/ui): {describe_error(exc)}\n")
+        if page is not None:
+            return _response(request, 200, *page)
+        return _text(request, 404, NOT_FOUND)
 
     async def serve(self, request: Request, response: Response) -> None:
         """``/readyz`` when the upstream must be checked again."""
@@ -183,6 +216,36 @@ class AdminApp:
     def log_refusal(self, remote: str | None, status: int, message: str) -> bytes:
         """Admin requests are not logged (and carry no request id)."""
         return b""
+
+    # -- the page's JSON -----------------------------------------------------------------
+
+    def _api(self, request: Request, path: str) -> bytes:
+        """``/api/...``, read from the policy in use now (a reload swaps
+        ``proxy.config``). A bug here is a 500 with its message, never a dropped
+        connection (nor the ``/readyz`` of :meth:`serve`)."""
+        try:
+            return self._api_answer(request, path)
+        except Exception as exc:  # pragma: no cover - a bug
+            return _json(request, 500, {"error": f"internal error: {type(exc).__name__}: "
+                                                 f"{exc}"})
+
+    def _api_answer(self, request: Request, path: str) -> bytes:
+        proxy = self.proxy_server.proxy
+        config = proxy.config
+        if path == "/api/policy":
+            return _json(request, 200, policy_json(config))
+        if path == "/api/status":
+            return _json(request, 200, status_json(config, self.metrics, proxy.target.url,
+                                                   self._not_ready()))
+        if path == "/api/report":
+            return _json(request, 200, report_json(self.metrics, DENIED_KEPT))
+        if path == "/api/explain":
+            try:
+                return _json(request, 200,
+                             explain_query(config, request.target.partition("?")[2]))
+            except BadQuery as exc:
+                return _json(request, 400, {"error": str(exc)})
+        return _text(request, 404, NOT_FOUND)
 
     # -- readiness ----------------------------------------------------------------------
 

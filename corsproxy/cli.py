@@ -28,9 +28,10 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from . import __version__
+from . import __version__, learn, policytest
 from .config import AdminConfig, Config, ConfigError, config_json_schema, load_config
-from .core import SAFELISTED_REQUEST_HEADERS, CorsSettings, Decision, RequestView
+from .core import SAFELISTED_REQUEST_HEADERS, CorsSettings
+from .explain import explain_json, explain_text, request_view
 
 ENV_CONFIG = "CORSPROXY_CONFIG"
 HEALTHCHECK_URL = "http://127.0.0.1:8080/"
@@ -183,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
         "corsproxy/config.schema.json).",
     )
 
+    learn.add_parser(sub)
+    policytest.add_parser(sub)
+
     p = sub.add_parser(
         "healthcheck",
         help="check that a running proxy answers (for Docker HEALTHCHECK)",
@@ -223,6 +227,14 @@ def _list(values: Sequence[str]) -> str:
     return ", ".join(values) if values else "(none)"
 
 
+def _regex_list(patterns: Sequence[str]) -> str:
+    """``allow_origin_regex`` for the check summary: one pattern as written; several
+    YAML-quoted (a pattern may hold ", "), so the line reads back unambiguously."""
+    if len(patterns) < 2:
+        return _list(patterns)
+    return ", ".join("'" + p.replace("'", "''") + "'" for p in patterns)
+
+
 def _policy_lines(s: CorsSettings, base: CorsSettings | None = None) -> list[str]:
     """The effective policy, one field per line; ``base`` marks route overrides."""
     safelisted = ", ".join(SAFELISTED_REQUEST_HEADERS)
@@ -231,7 +243,7 @@ def _policy_lines(s: CorsSettings, base: CorsSettings | None = None) -> list[str
         origins = "(none: no origin is allowed)"
     rows: list[tuple[str, str]] = [
         ("allow_origins", origins),
-        ("allow_origin_regex", s.allow_origin_regex or "(none)"),
+        ("allow_origin_regex", _regex_list(s.allow_origin_regex)),
         (
             "allow_methods",
             "any method (the requested one is echoed)"
@@ -259,6 +271,13 @@ def _policy_lines(s: CorsSettings, base: CorsSettings | None = None) -> list[str
             "true (WebSocket handshakes from other origins get 403)"
             if s.check_websocket_origin
             else "false (WebSocket handshakes from any page are forwarded)",
+        ),
+        (
+            "report_only",
+            "true (REPORT ONLY: every request is forwarded and the upstream's own CORS "
+            "headers pass; differences are logged as report=)"
+            if s.report_only
+            else "false (enforced)",
         ),
     ]
     lines = []
@@ -288,7 +307,7 @@ def _admin_line(config: Config) -> str:
         return "off (admin.port: null)"
     host = f"[{admin.host}]" if ":" in admin.host else admin.host
     port = "any free port" if admin.port == 0 else admin.port
-    return f"http://{host}:{port}  (/healthz /readyz /metrics /denied)"
+    return f"http://{host}:{port}  (the page at /; /healthz /readyz /metrics /denied)"
 
 
 def _summary(config: Config) -> str:
@@ -326,7 +345,12 @@ def _summary(config: Config) -> str:
             out.append(f"  upstream timeouts:      timeout: {timeout}, read_timeout: {read}"
                        f"   <- set by this route")
     n = len(config.warnings)
-    out += ["", f"{1 + len(config.routes)} policies, {n} warning{'s' if n != 1 else ''}"]
+    reporting = [r.path for r in config.routes if r.cors.report_only]
+    if config.cors.report_only:
+        reporting.insert(0, "cors")
+    report = f" ({len(reporting)} report-only: {', '.join(reporting)})" if reporting else ""
+    out += ["", f"{1 + len(config.routes)} policies{report}, {n} warning"
+                f"{'s' if n != 1 else ''}"]
     return "\n".join(out)
 
 
@@ -343,112 +367,28 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _request_view(args: argparse.Namespace, config: Config) -> RequestView:
+def cmd_explain(args: argparse.Namespace) -> int:
+    config = load_config(_need_config(args))
     if args.websocket and (args.request_method is not None or args.method not in (None, "GET")):
         raise UsageError("corsproxy explain: --websocket is a GET handshake; leave out "
                          "--request-method and --method")
-    method = args.method or ("OPTIONS" if args.request_method is not None else "GET")
-    path = args.path.split("?", 1)[0].split("#", 1)[0]
-    if not path.startswith("/"):
+    if not args.path.startswith("/"):
         raise UsageError(f"corsproxy explain: --path {args.path!r} must start with /")
-    return RequestView(
-        method=method,
-        path=path,
-        origin=(args.origin,) if args.origin is not None else (),
-        request_method=args.request_method,
-        request_headers=(args.request_headers,) if args.request_headers is not None else (),
-        request_private_network="true" if args.request_private_network else None,
-        host=args.host,
-        # The listener's scheme: the same-origin test compares Origin with it + Host.
-        scheme="https" if config.listen.tls is not None else "http",
-        websocket=args.websocket,
-    )
-
-
-def _response_headers(decision: Decision) -> list[tuple[str, str]]:
-    return [*decision.headers, ("Vary", ", ".join(decision.vary))]
-
-
-def _route_label(config: Config, route: str | None) -> str:
-    if route is None:
-        return "(top-level cors)"
-    for i, r in enumerate(config.routes):
-        if r.path == route:
-            return f"{route} (routes[{i}])"
-    return route  # pragma: no cover - the router only knows configured routes
-
-
-def explain_json(config: Config, req: RequestView, decision: Decision) -> dict[str, Any]:
-    """The ``explain --json`` object."""
-    request_headers = [["Origin", o] for o in req.origin]
-    if req.request_method is not None:
-        request_headers.append(["Access-Control-Request-Method", req.request_method])
-    request_headers += [["Access-Control-Request-Headers", h] for h in req.request_headers]
-    if req.request_private_network is not None:
-        request_headers.append(
-            ["Access-Control-Request-Private-Network", req.request_private_network]
+    try:
+        req = request_view(
+            config, origin=args.origin, method=args.method, path=args.path,
+            request_method=args.request_method,
+            request_headers=args.request_headers,
+            request_private_network=args.request_private_network,
+            host=args.host, websocket=args.websocket,
         )
-    if req.host is not None:
-        request_headers.append(["Host", req.host])
-    if req.websocket:
-        request_headers += [["Connection", "Upgrade"], ["Upgrade", "websocket"]]
-    return {
-        "config": config.source,
-        "request": {"method": req.method, "path": req.path, "headers": request_headers},
-        "verdict": decision.verdict,
-        "allowed": decision.allowed,
-        "kind": decision.kind.value,
-        "route": decision.route,
-        "status": decision.status,
-        "forwarded": decision.forward,
-        "reasons": list(decision.reasons),
-        "failed": list(decision.failed),
-        "headers": dict(_response_headers(decision)),
-        "body": decision.body if not decision.forward else None,
-    }
-
-
-def cmd_explain(args: argparse.Namespace) -> int:
-    config = load_config(_need_config(args))
-    req = _request_view(args, config)
+    except ValueError as exc:
+        raise UsageError(f"corsproxy explain: {exc}") from None
     decision = config.router.decide(req)
     if args.json:
         print(json.dumps(explain_json(config, req, decision), indent=2))
-        return 0
-    if decision.forward:
-        status = (
-            "forwarded upstream (the upstream's status; corsproxy replaces the upstream's "
-            "Access-Control-* headers with the ones below and merges Vary)"
-        )
     else:
-        status = f"{decision.status} (answered by corsproxy, not forwarded)"
-    lines = [f"request:  {req.method} {req.path}"]
-    for origin in req.origin:
-        lines.append(f"          Origin: {origin}")
-    if req.request_method is not None:
-        lines.append(f"          Access-Control-Request-Method: {req.request_method}")
-    for h in req.request_headers:
-        lines.append(f"          Access-Control-Request-Headers: {h}")
-    if req.request_private_network is not None:
-        lines.append("          Access-Control-Request-Private-Network: true")
-    if req.host is not None:
-        lines.append(f"          Host: {req.host}")
-    if req.websocket:
-        lines += ["          Connection: Upgrade", "          Upgrade: websocket"]
-    lines += [
-        f"kind:     {decision.kind.value}",
-        f"route:    {_route_label(config, decision.route)}",
-        f"verdict:  {decision.verdict}",
-        f"status:   {status}",
-        "reasons:",
-        *(f"  - {r}" for r in decision.reasons),
-        "response headers:",
-        *(f"  {name}: {value}" for name, value in _response_headers(decision)),
-    ]
-    if not decision.forward and decision.body:
-        lines.append("body:")
-        lines += [f"  {line}".rstrip() for line in decision.body.rstrip("\n").split("\n")]
-    print("\n".join(lines))
+        print(explain_text(config, req, decision))
     return 0
 
 
@@ -599,6 +539,8 @@ COMMANDS = {
     "demo": cmd_demo,
     "schema": cmd_schema,
     "healthcheck": cmd_healthcheck,
+    "learn": lambda args: learn.cmd_learn(args),
+    "test": lambda args: policytest.cmd_test(args),
 }
 
 

@@ -78,6 +78,8 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
 )
 
 from ._config_checks import (
@@ -292,6 +294,21 @@ def _str_list(check: Callable[[str], str]) -> Any:
 OriginList = _str_list(_check_origin)
 MethodList = _str_list(_check_method)
 HeaderList = _str_list(_check_header)
+
+
+def _one_regex(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """``allow_origin_regex``: a single pattern is a one-item list, checked as a
+    whole so its error is on the key itself (``cors.allow_origin_regex``); list
+    items are checked one by one (``cors.allow_origin_regex[1]``)."""
+    if isinstance(value, str):
+        return [_check_regex(value)]
+    return handler(value)
+
+
+RegexList = Annotated[
+    list[Annotated[str, AfterValidator(_check_regex)]] | None,
+    WrapValidator(_one_regex, json_schema_input_type=str | list[str] | None),
+]
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
 
@@ -512,14 +529,21 @@ class CorsModel(BaseModel):
         default=[],
         description='Allowed origins: exact "scheme://host[:port]" (lower case, no path, no '
         'default port), "*" (any origin; not with allow_credentials), patterns '
-        '"https://*.example.com" (one or more subdomain labels, never the apex), or "null" '
-        "(risky). A single string is a one-item list.",
-        examples=[["https://app.example.com", "https://*.example.com"]],
+        '"https://*.example.com" (one or more subdomain labels, never the apex), port '
+        'wildcards "http://localhost:*" and "https://*.example.com:*" (any explicit port '
+        "1-65535; never the origin without a port, so list that too if you need it), or "
+        '"null" (risky). A single string is a one-item list.',
+        examples=[["https://app.example.com", "https://*.example.com", "http://localhost:*"]],
     )
-    allow_origin_regex: Annotated[str | None, AfterValidator(_check_regex)] = Field(
+    allow_origin_regex: RegexList = Field(
         None,
-        description="Regular expression an origin must match in full (like re.fullmatch).",
-        examples=[r"https://[a-z0-9-]+\.example\.com"],
+        description="Regular expression an origin must match in full (like re.fullmatch; "
+        "RE2 syntax, linear time), or a list of them: an origin matches when any one does. "
+        "A single string is a one-item list; null or [] means none.",
+        examples=[
+            r"https://[a-z0-9-]+\.example\.com",
+            [r"https://[a-z0-9-]+\.example\.com", r"https://[a-z0-9-]+\.example\.org"],
+        ],
     )
     allow_methods: MethodList = Field(
         default=["GET"],
@@ -568,6 +592,12 @@ class CorsModel(BaseModel):
         True,
         description="Answer 403 to WebSocket handshakes from cross-origin pages whose origin "
         "is not allowed (browsers enforce nothing on WebSockets); false forwards them.",
+    )
+    report_only: bool = Field(
+        False,
+        description="Report, don't enforce: forward every request (preflights included) and "
+        "pass the upstream's own Access-Control-* headers through unchanged; log and count "
+        "where this policy would have answered differently (the access line's report field).",
     )
 
 
@@ -717,9 +747,9 @@ def _valid_fields(section: Any) -> dict[str, Any]:
                         items.append(getattr(CorsModel.model_validate({name: [item]}), name)[0])
                     except ValidationError:
                         items.append(_BAD)
+                # A broken allow_origin_regex item stays a placeholder too:
+                # written, but broken, is not "no regex".
                 good[name] = items
-            elif name == "allow_origin_regex":
-                good[name] = _BAD  # written, but broken: not "no regex"
     return good
 
 
@@ -799,13 +829,16 @@ def _policy_warnings(
                 f"7200 seconds (Firefox at 86400)",
             )
         )
-    regex = written.get("allow_origin_regex")
-    if isinstance(regex, str) and regex:
-        compiled = compile_origin_regex(regex)
-        if compiled.fullmatch("https://corsproxy-check.invalid"):
+    regexes = written.get("allow_origin_regex") or []
+    for i, regex in enumerate(regexes):
+        if not isinstance(regex, str) or not regex:
+            continue  # a broken item: its error is reported already
+        if compile_origin_regex(regex).fullmatch("https://corsproxy-check.invalid"):
+            # One pattern: on the key itself (however it was written); several: the item.
+            loc = (*where, "allow_origin_regex") + ((i,) if len(regexes) > 1 else ())
             out.append(
                 (
-                    (*where, "allow_origin_regex"),
+                    loc,
                     'the pattern matches any https origin (it matched "https://corsproxy-check'
                     '.invalid"); anchor it to your domain, e.g. '
                     r'"https://[a-z0-9-]+\.example\.com"',
@@ -862,7 +895,7 @@ def _policy_warnings(
 def _settings(values: dict[str, Any]) -> CorsSettings:
     return CorsSettings(
         allow_origins=tuple(values["allow_origins"]),
-        allow_origin_regex=values["allow_origin_regex"],
+        allow_origin_regex=tuple(values["allow_origin_regex"] or ()),
         allow_methods=tuple(values["allow_methods"]),
         allow_headers=tuple(values["allow_headers"]),
         allow_credentials=values["allow_credentials"],
@@ -871,6 +904,7 @@ def _settings(values: dict[str, Any]) -> CorsSettings:
         allow_private_network=values["allow_private_network"],
         enforce=values["enforce"],
         check_websocket_origin=values["check_websocket_origin"],
+        report_only=values["report_only"],
     )
 
 

@@ -22,6 +22,12 @@ open a socket with the user's cookies (cross-site WebSocket hijacking). With
 ``check_websocket_origin`` (on by default) a handshake from an origin the policy
 does not allow, that is not the proxy's own, is answered 403 and never forwarded,
 whatever ``enforce`` says; a handshake without ``Origin`` (not a browser) passes.
+
+A policy with ``report_only`` decides exactly as it would otherwise; the
+:class:`Router` marks its decisions ``report_only``, and the server then forwards
+every request (preflights, refused origins and handshakes included), passes the
+upstream's own CORS headers through, and compares them with the decision
+(:mod:`corsproxy.report`).
 """
 
 from __future__ import annotations
@@ -29,8 +35,8 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 import re2 as _re2  # google-re2: linear-time matching, so no origin regex is a ReDoS
@@ -185,8 +191,95 @@ class OriginRegex:
 
 
 def compile_origin_regex(pattern: str) -> OriginRegex:
-    """Compile ``allow_origin_regex``; raises ``re.error`` for an invalid pattern."""
+    """Compile one ``allow_origin_regex`` pattern; raises ``re.error`` for an invalid one."""
     return OriginRegex(pattern)
+
+
+def _any_fullmatch(patterns: tuple[str, ...]) -> Callable[[str], object] | None:
+    """One full-match test for several patterns: true when any of them matches the
+    whole origin. None for no pattern; raises ``re.error`` for an invalid one.
+
+    Each pattern is checked on its own (:class:`OriginRegex`), then all run as ONE
+    RE2 alternation ``(?:a)|(?:b)``: a full match of an alternation is a full match
+    of one branch, and RE2 scopes inline flags (``(?i)``) to their group, so this
+    means exactly "any pattern matches", in one linear-time pass.
+    """
+    compiled = [OriginRegex(p) for p in patterns]
+    if len(compiled) < 2:
+        return compiled[0].fullmatch if compiled else None
+    try:
+        return _re2.compile("|".join(f"(?:{p})" for p in patterns), _RE2_OPTIONS).fullmatch
+    except Exception:  # e.g. over RE2's memory budget: still linear, one pass per pattern
+        return lambda origin: any(r.fullmatch(origin) for r in compiled)
+
+
+def _regex_tuple(value: str | Iterable[str] | None) -> tuple[str, ...]:
+    """``allow_origin_regex`` as a tuple: a single string is a one-item tuple, and
+    None or "" (the old spellings of "no regex") are empty."""
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value)
+
+
+#: A port as a browser serialises it: digits, no leading zero (1-65535 is checked apart).
+_PORT = re.compile(r"[1-9][0-9]{0,4}")
+
+
+class _OriginPattern:
+    """An ``allow_origins`` entry with a ``*``, precomputed for string tests only.
+
+    - ``scheme://*.host[:port]``: one or more labels where the ``*`` is, on a dot
+      boundary (never the apex); the rest exact;
+    - ``scheme://host:*``: exactly that scheme and host with any explicit port;
+    - ``scheme://*.host:*``: both.
+
+    A port wildcard matches 1-65535 written without leading zeros (as a browser
+    serialises it), never the scheme's default port (a browser leaves it out) and
+    never an origin without a port: ``http://localhost:*`` does not match
+    ``http://localhost``.
+    """
+
+    __slots__ = ("entry", "prefix", "suffix", "labels", "any_port", "default_port")
+
+    def __init__(self, entry: str) -> None:
+        self.entry = entry
+        self.any_port = entry.endswith(":*")
+        body = entry[:-2] if self.any_port else entry
+        scheme = body.split("://", 1)[0]
+        self.labels = "://*." in body
+        if self.labels:
+            # "https://" prefix, ".example.com[:port]" suffix: the labels in between
+            # must be non-empty, so the apex never matches.
+            self.prefix, rest = body.split("://*.", 1)
+            self.prefix += "://"
+            self.suffix = "." + rest
+        else:
+            self.prefix, self.suffix = body, ""
+        self.default_port = DEFAULT_PORTS.get(scheme)
+
+    def matches(self, origin: str) -> bool:
+        """True when ``origin`` (visible ASCII, bounded length) matches the entry."""
+        host = origin
+        if self.any_port:
+            host, colon, port = origin.rpartition(":")
+            if (
+                not colon
+                or _PORT.fullmatch(port) is None
+                or int(port) > 65535
+                or port == self.default_port
+            ):
+                return False
+        if not self.labels:
+            return host == self.prefix
+        prefix, suffix = self.prefix, self.suffix
+        return (
+            len(host) > len(prefix) + len(suffix)
+            and host.startswith(prefix)
+            and host.endswith(suffix)
+            and _LABELS.fullmatch(host, len(prefix), len(host) - len(suffix)) is not None
+        )
 
 
 @dataclass(frozen=True)
@@ -196,10 +289,13 @@ class CorsSettings:
 
     Plain validated values (the config layer checks them); :class:`CorsPolicy`
     turns them into the precomputed form used per request.
+
+    ``allow_origin_regex`` holds the patterns (empty: none); a single string, or
+    None, is accepted and stored as a tuple, so older callers keep working.
     """
 
     allow_origins: tuple[str, ...] = ()
-    allow_origin_regex: str | None = None
+    allow_origin_regex: tuple[str, ...] = ()
     allow_methods: tuple[str, ...] = ("GET",)
     allow_headers: tuple[str, ...] = ()
     allow_credentials: bool = False
@@ -208,6 +304,10 @@ class CorsSettings:
     allow_private_network: bool = False
     enforce: bool = False
     check_websocket_origin: bool = True
+    report_only: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "allow_origin_regex", _regex_tuple(self.allow_origin_regex))
 
 
 class Kind(StrEnum):
@@ -252,6 +352,8 @@ class Decision:
     - ``failed``: the failed checks in order (origin, method, headers,
       private-network); ``reasons``: one plain-words line per check made.
     - ``body``: text/plain body when the proxy answers itself.
+    - ``report_only``: the policy is ``report_only``: ``status`` and ``headers`` say
+      what it *would* answer; the proxy forwards the request anyway.
     """
 
     kind: Kind
@@ -263,6 +365,9 @@ class Decision:
     failed: tuple[str, ...] = ()
     route: str | None = None
     body: str = ""
+    #: The route is ``report_only``: the request is forwarded whatever this
+    #: decision says, and the upstream's own CORS headers are compared with it.
+    report_only: bool = False
 
     @property
     def forward(self) -> bool:
@@ -311,15 +416,13 @@ class CorsPolicy:
             raise ValueError('allow_origins "*" cannot be combined with allow_credentials')
         self._wildcard_acao = self._allow_all_origins
         self._exact = frozenset(o for o in s.allow_origins if "*" not in o)
-        patterns = []
-        for entry in s.allow_origins:
-            if entry != "*" and "://*." in entry:
-                scheme, rest = entry.split("://*.", 1)
-                # "https://" prefix, ".example.com[:port]" suffix; the labels in
-                # between must be non-empty, so the apex never matches.
-                patterns.append((entry, scheme + "://", "." + rest))
-        self._patterns = tuple(patterns)
-        self._regex = OriginRegex(s.allow_origin_regex) if s.allow_origin_regex else None
+        # Subdomain and port patterns, split into string tests once (no regex).
+        self._patterns = tuple(
+            _OriginPattern(o)
+            for o in s.allow_origins
+            if o != "*" and ("://*." in o or o.endswith(":*"))
+        )
+        self._regex = _any_fullmatch(s.allow_origin_regex)
 
         self._allow_all_methods = "*" in s.allow_methods
         self._methods = frozenset(s.allow_methods)
@@ -360,15 +463,10 @@ class CorsPolicy:
             # is ASCII: hosts are punycoded), so a loose regex never echoes
             # control or non-ASCII characters into ACAO.
             return None
-        for entry, prefix, suffix in self._patterns:
-            if (
-                len(origin) > len(prefix) + len(suffix)
-                and origin.startswith(prefix)
-                and origin.endswith(suffix)
-                and _LABELS.fullmatch(origin, len(prefix), len(origin) - len(suffix))
-            ):
-                return f"pattern {json.dumps(entry)}"
-        if self._regex is not None and self._regex.fullmatch(origin):
+        for pattern in self._patterns:
+            if pattern.matches(origin):
+                return f"pattern {json.dumps(pattern.entry)}"
+        if self._regex is not None and self._regex(origin):
             return "allow_origin_regex"
         return None
 
@@ -579,7 +677,7 @@ class Router:
     trailing slash on a route path is ignored, so ``/`` matches every path.
     """
 
-    __slots__ = ("default", "routes")
+    __slots__ = ("default", "routes", "report_only")
 
     def __init__(self, default: CorsPolicy, routes: Sequence[tuple[str, CorsPolicy]] = ()) -> None:
         self.default = default
@@ -591,6 +689,11 @@ class Router:
                 reverse=True,
             )
         )
+        #: The routes (None: the top-level policy) whose policy is report_only.
+        self.report_only = frozenset(
+            [None] * default.settings.report_only
+            + [path for path, policy in routes if policy.settings.report_only]
+        )
 
     def select(self, path: str) -> tuple[str | None, CorsPolicy]:
         """The route path (as written) and policy for a raw request path."""
@@ -601,6 +704,12 @@ class Router:
 
     def decide(self, req: RequestView) -> Decision:
         """The decision for one request. Never raises on any header values."""
+        decision = self._decide(req)
+        if self.report_only and decision.route in self.report_only:
+            return replace(decision, report_only=True)
+        return decision
+
+    def _decide(self, req: RequestView) -> Decision:
         if req.websocket:
             route, policy = self.select(req.path) if self.routes else (None, self.default)
             return policy.websocket(req, route)

@@ -246,11 +246,15 @@ def response_headers(
     cors: Sequence[tuple[str, str]],
     vary: Sequence[str],
     request_id: str | None = None,
+    report_only: bool = False,
 ) -> list[tuple[str, str]]:
     """The headers for the client: the upstream's ``pairs`` without hop-by-hop and
     ``Access-Control-*`` headers, plus ``cors``, with ``vary`` merged into ``Vary``
     (which takes the place of the upstream's first ``Vary``, or goes last), and
-    ``X-Request-Id: request_id`` (in place of the upstream's first, or last)."""
+    ``X-Request-Id: request_id`` (in place of the upstream's first, or last).
+
+    ``report_only``: the upstream's ``Access-Control-*`` and ``Vary`` headers pass
+    unchanged instead, and ``cors``/``vary`` are not used (report-only mode)."""
     listed = _connection_names(pairs)
     # RFC 9112 §6.3: Transfer-Encoding overrides Content-Length; the body arrives
     # de-chunked, so its length is whatever arrives and Content-Length must go.
@@ -261,14 +265,15 @@ def response_headers(
     id_at: int | None = None
     for name, value in pairs:
         key = name.lower()
-        if key.startswith("access-control-") or _is_hop_by_hop(key, listed):
+        if _is_hop_by_hop(key, listed) or (key.startswith("access-control-")
+                                           and not report_only):
             continue
         if key == "x-request-id" and request_id is not None:
             if id_at is None:
                 id_at = len(out)
                 out.append(("X-Request-Id", request_id))
             continue
-        if key == "vary":
+        if key == "vary" and not report_only:
             if vary_at is None:
                 vary_at = len(out)
                 out.append(("Vary", ""))  # filled in below
@@ -277,7 +282,7 @@ def response_headers(
         if chunked and key == "content-length":
             continue
         out.append((name, value))
-    merged = merge_vary(vary_values, vary)
+    merged = None if report_only else merge_vary(vary_values, vary)
     if vary_at is not None:
         if merged is None:
             del out[vary_at]
@@ -287,7 +292,8 @@ def response_headers(
         out.append(("Vary", merged))
     if request_id is not None and id_at is None:
         out.append(("X-Request-Id", request_id))
-    out.extend(cors)
+    if not report_only:
+        out.extend(cors)
     return out
 
 

@@ -110,7 +110,8 @@ os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
 
 #: Optional fields of a text line, in their order after ``time client method path status``.
 _TEXT_KEYS = ("origin", "cors", "route", "request_id", "upstream_us", "us", "request_bytes",
-              "response_bytes", "up_bytes", "down_bytes", "closed_by", "error", "reason")
+              "response_bytes", "up_bytes", "down_bytes", "closed_by", "request_method",
+              "request_headers", "credentials", "report", "report_detail", "error", "reason")
 
 
 def access_line(log_format: str, fields: dict[str, Any]) -> str:
@@ -129,7 +130,9 @@ def access_line(log_format: str, fields: dict[str, Any]) -> str:
     for key in _TEXT_KEYS:
         value = fields.get(key)
         if value is not None:
-            if isinstance(value, int | float):
+            if isinstance(value, bool):
+                parts.append(f"{key}={'true' if value else 'false'}")
+            elif isinstance(value, int | float):
                 parts.append(f"{key}={value}")
             elif key == "request_id":
                 parts.append(f"{key}={_id_value(value)}")
@@ -158,6 +161,8 @@ class AccessTemplate:
         route: str | None,
         reason: str,
         response_bytes: int,
+        request_method: str | None = None,
+        request_headers: str | None = None,
     ) -> None:
         self.log_format = log_format
         if log_format == "json":
@@ -169,7 +174,10 @@ class AccessTemplate:
             )
             self._tail = (
                 f", \"request_bytes\": 0, \"response_bytes\": {response_bytes}, "
-                f"\"error\": null, \"reason\": {json.dumps(reason)}, \"pid\": {_pid[0]}}}"
+                f"\"request_method\": {json.dumps(request_method)}, \"request_headers\": "
+                f"{json.dumps(request_headers)}, \"credentials\": null, \"report\": null, "
+                f"\"report_detail\": null, \"error\": null, \"reason\": {json.dumps(reason)}, "
+                f"\"pid\": {_pid[0]}}}"
             )
         else:
             self._method = _text_value(method)
@@ -180,8 +188,15 @@ class AccessTemplate:
                 if value is not None
             )
             self._mid = f"{mid} request_id="
+            asked = "".join(
+                f" {key}={_text_value(value)}"
+                for key, value in (("request_method", request_method),
+                                   ("request_headers", request_headers))
+                if value is not None
+            )
             self._tail = (
-                f" request_bytes=0 response_bytes={response_bytes} reason={_text_value(reason)}"
+                f" request_bytes=0 response_bytes={response_bytes}{asked} "
+                f"reason={_text_value(reason)}"
             )
 
     def line(self, client: str | None, path: str, request_id: str, us: int) -> str:

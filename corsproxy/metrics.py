@@ -50,6 +50,12 @@ Metrics (``README.md``, "Operating it", has the table):
   ``method``, ``headers``, ``private-network``). The Origin value itself is never a
   label (unbounded); :meth:`Metrics.denied` lists the last ones seen instead.
 
+- ``corsproxy_report_only_disagreements_total{route,kind,direction}``: report-only
+  requests (``cors.report_only``) where the policy would have answered differently
+  from the upstream; ``direction`` is ``policy_stricter``, ``policy_looser`` or
+  ``headers_differ`` (:mod:`corsproxy.report`). :meth:`Metrics.disagreements` keeps
+  the last ones, with the detail, for the admin page.
+
 Several workers (``listen.workers``): :func:`enable_multiprocess` (called by the
 parent in :mod:`corsproxy.workers` before it forks) switches prometheus-client to
 its multiprocess mode: every worker's values live in files in a shared directory
@@ -191,10 +197,6 @@ def _verdict(decision: Decision, refused: bool) -> str:
     return "denied"
 
 
-def _denied_file(path: str, pid: int) -> str:
-    return os.path.join(path, f"denied_{pid}.json")
-
-
 class Metrics:
     """The proxy's metrics (one per :class:`~corsproxy.server.Proxy`, each with its
     own registry, so several proxies can live in one test process).
@@ -255,9 +257,22 @@ class Metrics:
         self._causes = {cause: self._upstream_errors.labels(cause) for cause in CAUSES}
         #: (route, kind, status, allowed, refused) -> (count, duration, denied or None)
         self._children: dict[tuple, tuple[Any, Any, Any]] = {}
-        #: (origin, route, reason) -> [count, first seen, last seen] (oldest first)
-        self._denied: OrderedDict[tuple[str, str | None, str], list[float]] = OrderedDict()
-        self._denied_dirty = False
+        self._disagreements_total = Counter(
+            "corsproxy_report_only_disagreements",
+            "Report-only requests where the policy would have answered differently from the "
+            "upstream, by route, request kind and direction.",
+            ("route", "kind", "direction"), registry=registry,
+        )
+        self._report_children: dict[tuple, Any] = {}
+        self._denied = Recent("denied", ("origin", "route", "reason"), self.multiprocess)
+        self._disagreements = Recent(
+            "disagreements", ("origin", "route", "kind", "direction", "detail"),
+            self.multiprocess,
+        )
+        self._reload_status: dict[str, Any] = {
+            "loaded_at": time.time() if loaded_at is None else loaded_at,
+            "reloads": {"success": 0, "failure": 0}, "last": None,
+        }
         self._reload_time.set(time.time() if loaded_at is None else loaded_at)
         self._idle.set(0)
         self._active.set(0)
@@ -280,7 +295,7 @@ class Metrics:
         if denied is not None:
             denied.inc()
             origin = ", ".join(request.get_all("origin")) if request is not None else ""
-            self._remember(origin, decision.route, decision.failed[0])
+            self._denied.remember((origin[:ORIGIN_KEPT], decision.route, decision.failed[0]))
 
     def _add(self, key: tuple, decision: Decision) -> tuple[Any, Any, Any]:
         route = decision.route or ""
@@ -310,60 +325,55 @@ class Metrics:
 
     def reload_succeeded(self, ts: float | None = None) -> None:
         """A config reload took effect at Unix time ``ts`` (default: now)."""
+        ts = time.time() if ts is None else ts
         self._reload_ok.inc()
-        self._reload_time.set(time.time() if ts is None else ts)
+        self._reload_time.set(ts)
+        status = self._reload_status
+        status["loaded_at"] = ts
+        status["reloads"]["success"] += 1
+        status["last"] = {"result": "success", "at": ts, "errors": []}
 
-    def reload_failed(self) -> None:
-        """A config reload was refused (the old config stays in use)."""
+    def reload_failed(self, errors: list[str] | tuple[str, ...] = ()) -> None:
+        """A config reload was refused (the old config stays in use); ``errors``: why,
+        in ``corsproxy check``'s lines."""
         self._reload_failed.inc()
+        status = self._reload_status
+        status["reloads"]["failure"] += 1
+        status["last"] = {"result": "failure", "at": time.time(), "errors": list(errors)}
 
-    # -- the denied-origins list --------------------------------------------------------
+    # -- the recent lists ------------------------------------------------------------------
 
-    def _remember(self, origin: str, route: str | None, reason: str) -> None:
-        now = time.time()
-        key = (origin[:ORIGIN_KEPT], route, reason)
-        denied = self._denied
-        entry = denied.get(key)
-        if entry is None:
-            denied[key] = [1, now, now]
-            if len(denied) > DENIED_KEPT:
-                denied.popitem(last=False)
-        else:
-            entry[0] += 1
-            entry[2] = now
-            denied.move_to_end(key)
-        self._denied_dirty = True
-
-    def _own_denied(self) -> list[dict[str, Any]]:
-        return [
-            {"origin": origin, "route": route, "reason": reason, "count": int(count),
-             "first_seen": first, "last_seen": last}
-            for (origin, route, reason), (count, first, last) in self._denied.items()
-        ]
+    def report(self, decision: Decision, result: str, detail: str, origin: str) -> None:
+        """One report-only comparison (:mod:`corsproxy.report`): a disagreement is
+        counted and kept in :meth:`disagreements`; ``agree`` is only counted as a
+        request (its verdict is in the access line)."""
+        if result == "agree":
+            return
+        key = (decision.route, decision.kind, result)
+        child = self._report_children.get(key)
+        if child is None:
+            child = self._report_children[key] = self._disagreements_total.labels(
+                decision.route or "", _KIND[decision.kind], result)
+        child.inc()
+        self._disagreements.remember((origin[:ORIGIN_KEPT], decision.route,
+                                      _KIND[decision.kind], result, detail))
 
     def denied(self) -> list[dict[str, Any]]:
         """The last :data:`DENIED_KEPT` distinct (origin, route, reason) denials, most
         recent first, with their counts; over every worker when there are several."""
-        if self.multiprocess is None:
-            entries = self._own_denied()
-        else:
-            self._write_denied()
-            entries = _merge_denied(self.multiprocess)
-        entries.sort(key=lambda e: e["last_seen"], reverse=True)
-        return entries[:DENIED_KEPT]
+        return self._denied.entries()
 
-    def _write_denied(self) -> None:
-        if self.multiprocess is None or not self._denied_dirty:
-            return
-        self._denied_dirty = False
-        path = _denied_file(self.multiprocess, os.getpid())
-        temporary = f"{path}.tmp"
-        try:
-            with open(temporary, "w", encoding="utf-8") as f:
-                json.dump(self._own_denied(), f)
-            os.replace(temporary, path)
-        except OSError:  # pragma: no cover - the directory went away (shutting down)
-            pass
+    def disagreements(self) -> list[dict[str, Any]]:
+        """The last :data:`DENIED_KEPT` distinct report-only disagreements (origin,
+        route, kind, direction, detail), most recent first, with their counts."""
+        return self._disagreements.entries()
+
+    def reload_status(self) -> dict[str, Any]:
+        """The config's load and reload history in this process: ``loaded_at`` (Unix
+        time of the policy in use), ``reloads`` (succeeded and failed counts), and
+        ``last``: the last reload's ``result``, ``at`` and ``errors`` (None before the
+        first reload)."""
+        return dict(self._reload_status, last=dict(self._reload_status["last"] or {}) or None)
 
     # -- rendering --------------------------------------------------------------------------
 
@@ -373,7 +383,8 @@ class Metrics:
         self._idle.set(idle)
         self._active.set(active)
         self._inflight.set(inflight)
-        self._write_denied()
+        self._denied.share()
+        self._disagreements.share()
 
     def render(self, *, idle: int, active: int, inflight: int) -> bytes:
         """The Prometheus text exposition (over every worker when there are several)."""
@@ -385,26 +396,91 @@ class Metrics:
         return generate_latest(registry)
 
 
-def _merge_denied(path: str) -> list[dict[str, Any]]:
-    """Every worker's denied list, summed by (origin, route, reason)."""
-    merged: dict[tuple, dict[str, Any]] = {}
-    try:
-        names = [n for n in os.listdir(path) if n.startswith("denied_") and n.endswith(".json")]
-    except OSError:  # pragma: no cover - the directory went away (shutting down)
-        return []
-    for name in names:
+class Recent:
+    """The last :data:`DENIED_KEPT` distinct events of one sort (keyed by the values of
+    ``fields``), each with ``count``, ``first_seen`` and ``last_seen`` (Unix times).
+
+    With several workers (``multiprocess``: the shared directory) each worker writes
+    its own list to ``{name}_{pid}.json`` when it changed (:meth:`share`, called every
+    :data:`REFRESH` seconds and before a read), and :meth:`entries` sums every
+    worker's file by key."""
+
+    __slots__ = ("name", "fields", "multiprocess", "_items", "_dirty")
+
+    def __init__(self, name: str, fields: tuple[str, ...], multiprocess: str | None) -> None:
+        self.name = name
+        self.fields = fields
+        self.multiprocess = multiprocess
+        #: key -> [count, first seen, last seen], oldest first
+        self._items: OrderedDict[tuple, list[float]] = OrderedDict()
+        self._dirty = False
+
+    def remember(self, key: tuple) -> None:
+        now = time.time()
+        items = self._items
+        entry = items.get(key)
+        if entry is None:
+            items[key] = [1, now, now]
+            if len(items) > DENIED_KEPT:
+                items.popitem(last=False)
+        else:
+            entry[0] += 1
+            entry[2] = now
+            items.move_to_end(key)
+        self._dirty = True
+
+    def _own(self) -> list[dict[str, Any]]:
+        return [
+            {**dict(zip(self.fields, key, strict=True)), "count": int(count),
+             "first_seen": first, "last_seen": last}
+            for key, (count, first, last) in self._items.items()
+        ]
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Most recent first, at most :data:`DENIED_KEPT`."""
+        if self.multiprocess is None:
+            entries = self._own()
+        else:
+            self.share()
+            entries = self._merged(self.multiprocess)
+        entries.sort(key=lambda e: e["last_seen"], reverse=True)
+        return entries[:DENIED_KEPT]
+
+    def share(self) -> None:
+        """Several workers: write this worker's list for the others (when changed)."""
+        if self.multiprocess is None or not self._dirty:
+            return
+        self._dirty = False
+        path = os.path.join(self.multiprocess, f"{self.name}_{os.getpid()}.json")
+        temporary = f"{path}.tmp"
         try:
-            with open(os.path.join(path, name), encoding="utf-8") as f:
-                entries = json.load(f)
-        except (OSError, ValueError):  # pragma: no cover - being replaced; next time
-            continue
-        for entry in entries:
-            key = (entry["origin"], entry["route"], entry["reason"])
-            seen = merged.get(key)
-            if seen is None:
-                merged[key] = dict(entry)
-            else:
-                seen["count"] += entry["count"]
-                seen["first_seen"] = min(seen["first_seen"], entry["first_seen"])
-                seen["last_seen"] = max(seen["last_seen"], entry["last_seen"])
-    return list(merged.values())
+            with open(temporary, "w", encoding="utf-8") as f:
+                json.dump(self._own(), f)
+            os.replace(temporary, path)
+        except OSError:  # pragma: no cover - the directory went away (shutting down)
+            pass
+
+    def _merged(self, path: str) -> list[dict[str, Any]]:
+        """Every worker's list, summed by key."""
+        merged: dict[tuple, dict[str, Any]] = {}
+        prefix = f"{self.name}_"
+        try:
+            names = [n for n in os.listdir(path) if n.startswith(prefix) and n.endswith(".json")]
+        except OSError:  # pragma: no cover - the directory went away (shutting down)
+            return []
+        for name in names:
+            try:
+                with open(os.path.join(path, name), encoding="utf-8") as f:
+                    entries = json.load(f)
+            except (OSError, ValueError):  # pragma: no cover - being replaced; next time
+                continue
+            for entry in entries:
+                key = tuple(entry[field] for field in self.fields)
+                seen = merged.get(key)
+                if seen is None:
+                    merged[key] = dict(entry)
+                else:
+                    seen["count"] += entry["count"]
+                    seen["first_seen"] = min(seen["first_seen"], entry["first_seen"])
+                    seen["last_seen"] = max(seen["last_seen"], entry["last_seen"])
+        return list(merged.values())

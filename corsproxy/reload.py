@@ -56,7 +56,7 @@ class Reloader:
     """Watches ``config.source`` and ``config.watched_files``; calls ``apply(new)``
     with each valid new config. ``load()`` reads and validates the file (raises
     :class:`~corsproxy.config.ConfigError`). ``say(event, message, **fields)``
-    writes one log line. ``on_result(ok)`` counts the outcome (metrics)."""
+    writes one log line. ``on_result(ok, errors)`` records the outcome (metrics, the admin page)."""
 
     def __init__(
         self,
@@ -64,7 +64,7 @@ class Reloader:
         load: Callable[[], Config],
         apply: Callable[[Config], None],
         say: Callable[..., None],
-        on_result: Callable[[bool], None] | None = None,
+        on_result: Callable[[bool, list[str]], None] | None = None,
         interval: float = POLL_INTERVAL,
     ) -> None:
         self.config = config  # what runs (its listen may hold a worker's bound port)
@@ -134,7 +134,7 @@ class Reloader:
                                       f"error{'s' if len(exc.errors) != 1 else ''}; still "
                                       f"serving the previous policy", errors=len(exc.errors))
             if self.on_result is not None:
-                self.on_result(False)
+                self.on_result(False, list(exc.errors))
             self._stamps = before
             return False
         changed = [key for key in RESTART_KEYS
@@ -154,7 +154,7 @@ class Reloader:
             self.say("reload-failed", f"reload ({why}) failed: {exc}; still serving the "
                                       f"previous policy", errors=1)
             if self.on_result is not None:
-                self.on_result(False)
+                self.on_result(False, [f"{new.source}: {exc}"])
             self._stamps = before
             return False
         self.config = new
@@ -166,5 +166,5 @@ class Reloader:
         self.say("reloaded", f"reloaded the policy from {new.source} ({why})",
                  at=time.time())
         if self.on_result is not None:
-            self.on_result(True)
+            self.on_result(True, [])
         return True

@@ -38,6 +38,12 @@ Request flow:
 
 5. One access line per request (``corsproxy.logs``).
 
+A decision marked ``report_only`` (``cors.report_only``) changes steps 1-3: nothing
+is answered from the decision, not even from the preflight cache; everything is
+forwarded, the upstream's ``Access-Control-*`` and ``Vary`` headers pass unchanged,
+and :func:`corsproxy.report.compare` judges the upstream's answer against the
+decision for the access line (``report``) and the metrics.
+
 The upstream side is :class:`~corsproxy.upstream.UpstreamPool`, the proxy's own
 HTTP/1.1 client: it sends exactly the headers ``corsproxy.forwarding`` computed,
 keeps no cookies, never decompresses (bodies pass byte for byte) and never follows
@@ -83,6 +89,7 @@ from .logs import (
     setup_logging,
 )
 from .metrics import Metrics
+from .report import compare
 from .upstream import (
     ConnectError,
     ConnectionFailed,
@@ -153,7 +160,9 @@ class _Preflight:
 
     __slots__ = ("decision", "status", "head", "tail", "log")
 
-    def __init__(self, decision: Decision, log_format: str, origin: str | None) -> None:
+    def __init__(self, decision: Decision, log_format: str, origin: str | None,
+                 request_method: str | None = None, request_headers: str | None = None
+                 ) -> None:
         assert decision.status is not None
         self.decision = decision
         self.status = status = decision.status
@@ -162,7 +171,7 @@ class _Preflight:
         self.tail = _CRLF + body
         self.log = AccessTemplate(
             log_format, "OPTIONS", status, origin, decision.verdict, decision.route,
-            "; ".join(decision.reasons), len(body),
+            "; ".join(decision.reasons), len(body), request_method, request_headers,
         )
 
 
@@ -175,7 +184,7 @@ _PREFLIGHT_KEY_MAX = 1024
 class _Log:
     """What the access line says about one request."""
 
-    __slots__ = ("upstream_us", "error", "status", "tunnel", "response_bytes")
+    __slots__ = ("upstream_us", "error", "status", "tunnel", "response_bytes", "report")
 
     def __init__(self) -> None:
         self.upstream_us: int | None = None
@@ -184,6 +193,8 @@ class _Log:
         self.tunnel: Tunnel | None = None
         #: Body bytes of an answer written whole (else the Response counts them).
         self.response_bytes: int | None = None
+        #: Report-only: (result, detail) of the comparison with the upstream's answer.
+        self.report: tuple[str, str] | None = None
 
 
 def _request_view(request: Request, path: str, websocket: bool = False,
@@ -263,12 +274,13 @@ class Proxy:
         self.trusted_networks = config.listen.trusted_proxies
         self._trusted_peers: dict[str, bool] = {}
 
-    def reload_result(self, ok: bool) -> None:
-        """A config reload's outcome (``corsproxy.reload`` reports it), for the metrics."""
+    def reload_result(self, ok: bool, errors: list[str] | None = None) -> None:
+        """A config reload's outcome and errors (``corsproxy.reload`` reports it), for
+        the metrics and the admin page."""
         if ok:
             self.metrics.reload_succeeded()
         else:
-            self.metrics.reload_failed()
+            self.metrics.reload_failed(errors or ())
 
     @property
     def router(self) -> Router:
@@ -416,7 +428,7 @@ class Proxy:
             decision = policy.router.decide(
                 _request_view(request, path, websocket, self._scheme(request))
             )
-            if decision.status is not None:
+            if decision.status is not None and not decision.report_only:
                 entry.status = decision.status
                 data = _own_response(decision, decision.status, decision.body, request_id)
                 entry.response_bytes = len(data) - data.index(b"\r\n\r\n") - 4
@@ -535,7 +547,9 @@ class Proxy:
         entry.status = 101
         pairs = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in upstream.raw_headers]
         headers = response_headers(pairs, decision.headers, decision.vary,
-                                   self.request_id(request))
+                                   self.request_id(request), decision.report_only)
+        if decision.report_only:
+            self._report(request, decision, 101, pairs, entry)
         headers.append(("Connection", "Upgrade"))
         headers.extend((n, v) for n, v in pairs if n.lower() == "upgrade")
         try:
@@ -627,9 +641,11 @@ class Proxy:
                            upstream: UpstreamResponse, entry: _Log) -> None:
         pairs = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in upstream.raw_headers]
         headers = response_headers(pairs, decision.headers, decision.vary,
-                                   self.request_id(request))
+                                   self.request_id(request), decision.report_only)
         status = upstream.status
         entry.status = status
+        if decision.report_only:
+            self._report(request, decision, status, pairs, entry)
         names = {n.lower() for n, _ in headers}
         codings = upstream.transfer_codings
         has_length = "content-length" in names and not upstream.chunked and not codings
@@ -674,6 +690,25 @@ class Proxy:
             await response.send(chunk)
         await response.end()
 
+    def _report(self, request: Request, decision: Decision, status: int,
+                pairs: list[tuple[str, str]], entry: _Log) -> None:
+        """Report-only: compare the upstream's answer with the policy's decision, for
+        the access line and the metrics (:mod:`corsproxy.report`)."""
+        origins = request.get_all("origin")
+        if len(origins) != 1:
+            return
+        acrm = request.get_all("access-control-request-method")
+        report = compare(
+            decision, status, pairs, origin=origins[0],
+            request_method=", ".join(acrm) if acrm else None,
+            request_headers=request.get_all("access-control-request-headers"),
+            private_network=request.get("access-control-request-private-network") == "true",
+            cookies=request.get("cookie") is not None,
+        )
+        if report is not None:
+            entry.report = report
+            self.metrics.report(decision, report[0], report[1], origins[0])
+
     # -- preflights from precomputed answers -------------------------------------------
 
     def _preflight(self, policy: _Policy, request: Request, path: str) -> _Preflight | None:
@@ -687,6 +722,8 @@ class Proxy:
         acrpn = request.get("access-control-request-private-network")
         router = policy.router
         route = router.select(path)[0] if router.routes else None
+        if router.report_only and route in router.report_only:
+            return None  # forwarded: the upstream answers report-only preflights
         key = (route, *origin, "\0", *acrm, "\0", *acrh, "\0", acrpn)
         cache = policy.preflights
         try:
@@ -699,8 +736,10 @@ class Proxy:
         if decision.kind is not Kind.PREFLIGHT or decision.status is None:
             return None  # pragma: no cover - an OPTIONS with Origin and ACRM is a preflight
         try:
-            entry: _Preflight | None = _Preflight(decision, self.log_format,
-                                                  ", ".join(origin) or None)
+            entry: _Preflight | None = _Preflight(
+                decision, self.log_format, ", ".join(origin) or None, ", ".join(acrm),
+                ", ".join(acrh) if acrh else None,
+            )
         except ValueError:  # odd bytes in an echoed value: the general path handles it
             entry = None
         if len(cache) >= _PREFLIGHT_CACHE_SIZE:
@@ -740,9 +779,25 @@ class Proxy:
             "us": int(elapsed * 1e6),
             "request_bytes": None if tunnel is not None else request.body.size,
             "response_bytes": None if tunnel is not None else sent,
+            "request_method": None,
+            "request_headers": None,
+            "credentials": None,
+            "report": None,
+            "report_detail": None,
             "error": entry.error,
             "reason": "; ".join(decision.reasons),
         }
+        if decision.kind is not Kind.NOT_CORS:
+            if decision.kind is Kind.PREFLIGHT:
+                fields["request_method"] = ", ".join(
+                    request.get_all("access-control-request-method")) or None
+                fields["request_headers"] = ", ".join(
+                    request.get_all("access-control-request-headers")) or None
+            elif request.get("cookie") is not None:
+                fields["credentials"] = True
+            if entry.report is not None:
+                fields["report"], detail = entry.report
+                fields["report_detail"] = detail or None
         if tunnel is not None:
             fields["up_bytes"] = tunnel.up_bytes
             fields["down_bytes"] = tunnel.down_bytes

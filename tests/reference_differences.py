@@ -24,6 +24,11 @@ case-table shape) on which the comparison passes with every difference applied
 and fails with that one left out: the test suite proves so, so the list can't go
 stale. ``render_markdown()`` produces the README's migration list
 (``python tests/reference_differences.py`` prints it).
+
+Not a difference: a list of ``allow_origin_regex`` patterns. Starlette takes one
+string, but the list allows exactly the origins its patterns joined as one
+alternation do, so Starlette gets that string (:func:`joined_origin_regex`) and
+the answers are compared like any other.
 """
 
 from __future__ import annotations
@@ -171,15 +176,43 @@ class StarletteSettings:
     regex_engine: str = "re"
 
 
+def _scoped_flags(regex: str) -> str:
+    """``(?i)abc`` -> ``(?i:abc)``: Python only takes global flags at the very start,
+    so a regex that is to become one alternative of several scopes them."""
+    m = re.match(r"(?:\(\?[aiLmsux]+\))+", regex)
+    if not m:
+        return regex
+    flags = "".join(dict.fromkeys(c for c in m.group() if c.isalpha()))
+    return f"(?{flags}:{regex[m.end() :]})"
+
+
+def joined_origin_regex(patterns: Sequence[str]) -> str | None:
+    """corsproxy's list of ``allow_origin_regex`` patterns as Starlette's one string.
+
+    None for no pattern, the pattern itself for one, and for several the
+    alternation ``(?:a)|(?:b)`` with each pattern's leading inline flags scoped to
+    its own branch. ``re.fullmatch`` of an alternation is a full match of one of its
+    branches, so this string allows exactly the origins the list does: a list is
+    not a difference in behaviour, only a spelling Starlette lacks, and is therefore
+    not in :data:`DIFFERENCES` (a user moving to Starlette writes this string).
+    The one list it can't spell is patterns that reuse a group name, which Python
+    ``re`` refuses in one expression; the comparison uses none.
+    """
+    if len(patterns) < 2:
+        return patterns[0] if patterns else None
+    return "|".join(f"(?:{_scoped_flags(p)})" for p in patterns)
+
+
 def starlette_kwargs(settings: CorsSettings) -> dict[str, Any]:
     """The same policy, field for field, in ``CORSMiddleware``'s keywords.
 
     ``enforce`` has no Starlette equivalent and is left out (see
-    ``ENFORCE_REJECTS_DENIED_ORIGINS``).
+    ``ENFORCE_REJECTS_DENIED_ORIGINS``); a list of ``allow_origin_regex`` patterns
+    becomes the one equivalent string (:func:`joined_origin_regex`).
     """
     return {
         "allow_origins": list(settings.allow_origins),
-        "allow_origin_regex": settings.allow_origin_regex,
+        "allow_origin_regex": joined_origin_regex(settings.allow_origin_regex),
         "allow_methods": list(settings.allow_methods),
         "allow_headers": list(settings.allow_headers),
         "allow_credentials": settings.allow_credentials,
@@ -294,24 +327,67 @@ def _star_with_credentials(settings: CorsSettings, theirs: StarletteSettings):
     return None
 
 
-def _scoped_flags(regex: str) -> str:
-    """``(?i)abc`` -> ``(?i:abc)``: Python only takes global flags at the very start,
-    so a regex that is to become one alternative of several scopes them."""
-    m = re.match(r"\(\?([aiLmsux]+)\)", regex)
-    return f"(?{m.group(1)}:{regex[m.end() :]})" if m else regex
-
-
-def _subdomain_patterns(settings: CorsSettings, theirs: StarletteSettings):
-    patterns = [o for o in settings.allow_origins if o != "*" and "://*." in o]
-    if not patterns:
-        return None
+def _as_regex(theirs: StarletteSettings, entries: Sequence[str], regexes: Sequence[str]):
+    """Starlette's settings with ``entries`` taken out of ``allow_origins`` and their
+    ``regexes`` added to ``allow_origin_regex`` as alternatives."""
     kwargs = dict(theirs.kwargs)
-    kwargs["allow_origins"] = [o for o in kwargs["allow_origins"] if o not in patterns]
-    alternatives = [pattern_regex(p) for p in patterns]
+    kwargs["allow_origins"] = [o for o in kwargs["allow_origins"] if o not in entries]
+    alternatives = list(regexes)
     if kwargs["allow_origin_regex"]:
         alternatives.append(_scoped_flags(kwargs["allow_origin_regex"]))
     kwargs["allow_origin_regex"] = "|".join(f"(?:{a})" for a in alternatives)
     return replace(theirs, kwargs=kwargs)
+
+
+def _subdomain_patterns(settings: CorsSettings, theirs: StarletteSettings):
+    patterns = [
+        o for o in settings.allow_origins if o != "*" and "://*." in o and not o.endswith(":*")
+    ]
+    if not patterns:
+        return None
+    return _as_regex(theirs, patterns, [pattern_regex(p) for p in patterns])
+
+
+#: The port a browser leaves out of an origin, written out here rather than imported.
+_DEFAULT_PORT = {"http": "80", "https": "443", "ws": "80", "wss": "443"}
+
+
+def port_regex(excluded: str | None) -> str:
+    """1-65535 as a browser writes a port (no leading zero), except ``excluded``.
+
+    RE2-compatible (no look-ahead): the numbers as long as ``excluded`` are those
+    that first differ from it at some digit ``i``.
+    """
+    by_length = {
+        1: "[1-9]",
+        2: "[1-9][0-9]",
+        3: "[1-9][0-9]{2}",
+        4: "[1-9][0-9]{3}",
+        5: "[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]",
+    }
+    if excluded:
+        assert len(excluded) < 5, "only the default ports 80 and 443 are excluded"
+        branches = []
+        for i, digit in enumerate(excluded):
+            others = "".join(d for d in ("123456789" if i == 0 else "0123456789") if d != digit)
+            branches.append(excluded[:i] + f"[{others}]" + "[0-9]" * (len(excluded) - i - 1))
+        by_length[len(excluded)] = "|".join(branches)
+    return "(?:" + "|".join(by_length.values()) + ")"
+
+
+def port_wildcard_regex(entry: str) -> str:
+    """A port wildcard ``scheme://host:*`` or ``scheme://*.host:*`` as a regex: the
+    host (or pattern) exact, then any port but the scheme's default."""
+    body = entry.removesuffix(":*")
+    host = pattern_regex(body) if "://*." in body else re.escape(body)
+    return host + ":" + port_regex(_DEFAULT_PORT.get(body.split("://", 1)[0]))
+
+
+def _port_wildcards(settings: CorsSettings, theirs: StarletteSettings):
+    entries = [o for o in settings.allow_origins if o != "*" and o.endswith(":*")]
+    if not entries:
+        return None
+    return _as_regex(theirs, entries, [port_wildcard_regex(e) for e in entries])
 
 
 def re2_compile(pattern: str):
@@ -325,14 +401,15 @@ _NESTED_QUANTIFIER = re.compile(r"\((?:[^()\\]|\\.)*[+*}](?:[^()\\]|\\.)*\)[+*{]
 
 
 def _origin_regex_on_re2(settings: CorsSettings, theirs: StarletteSettings):
-    pattern = settings.allow_origin_regex
-    if not pattern:
+    patterns = settings.allow_origin_regex
+    if not patterns:
         return None
     try:
-        re2_compile(pattern)
+        for pattern in patterns:
+            re2_compile(pattern)
     except Exception:  # look-arounds, back-references...: a config error in corsproxy
         return replace(theirs, refused_by_corsproxy=True)
-    if _NESTED_QUANTIFIER.search(pattern) is None:
+    if not any(_NESTED_QUANTIFIER.search(p) for p in patterns):
         return None  # Python `re` finishes quickly: the reference keeps Starlette's engine
     return replace(theirs, regex_engine="re2")
 
@@ -543,6 +620,25 @@ DIFFERENCES: tuple[Difference, ...] = (
             {"allow_origins": ["https://*.example.com"]},
             "GET",
             [("Origin", "https://a.b.example.com")],
+        ),
+    ),
+    Difference(
+        "PORT_WILDCARD",
+        "`http://localhost:*` (and `https://*.example.com:*`) in `allow_origins` matches that "
+        "scheme and host (or its subdomains) with any explicit port, 1-65535 without leading "
+        "zeros, never the default port and never no port; Starlette compares it as a literal "
+        "string that no browser sends. (The suite hands Starlette the equivalent "
+        "`allow_origin_regex`.)",
+        "Dev servers move between ports (Vite's 5173, 5174, ...), and the usual fix, a "
+        "hand-written regex, is where origin checks go wrong (an unescaped dot, a missing "
+        "anchor: cors-rules.md, pitfalls). A wildcard port with the scheme and host exact "
+        "can't be; `http://localhost` itself stays a separate entry.",
+        Stage.SETTINGS,
+        _port_wildcards,
+        _w(
+            {"allow_origins": ["http://localhost:*"]},
+            "GET",
+            [("Origin", "http://localhost:5173")],
         ),
     ),
     Difference(

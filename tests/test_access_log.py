@@ -453,5 +453,6 @@ def test_check_shows_trusted_proxies_admin_and_log(tmp_path, capsys):
     assert main(["check", "--config", str(path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "trusted:  10.0.0.0/8, ::1/128  (their X-Forwarded-For/-Proto/-Host are kept)" in lines
-    assert "admin:    http://127.0.0.1:9911  (/healthz /readyz /metrics /denied)" in lines
+    assert ("admin:    http://127.0.0.1:9911  (the page at /; /healthz /readyz /metrics "
+            "/denied)") in lines
     assert f"log:      json lines to {tmp_path}/corsproxy.log, no access lines" in lines

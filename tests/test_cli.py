@@ -176,7 +176,7 @@ def test_check_prints_the_effective_policy_per_route(config_file):
             f"{workers_text()})",
             "upstream: http://127.0.0.1:8000  (connect_timeout: 5 s, timeout: 60 s, "
             "read_timeout: 60 s, preserve_host: false)",
-            "admin:    http://127.0.0.1:9901  (/healthz /readyz /metrics /denied)",
+            "admin:    http://127.0.0.1:9901  (the page at /; /healthz /readyz /metrics /denied)",
             "log:      text lines to stderr",
             "",
             "cors (every path not under a route):",
@@ -190,6 +190,7 @@ def test_check_prints_the_effective_policy_per_route(config_file):
             "  allow_private_network:  false",
             "  enforce:                true (cross-origin requests from other origins get 403)",
             "  check_websocket_origin: true (WebSocket handshakes from other origins get 403)",
+            "  report_only:            false (enforced)",
             "",
             "route /public (routes[0]; matches /public and below, longest route wins):",
             "  allow_origins:          *   <- set by this route",
@@ -202,11 +203,40 @@ def test_check_prints_the_effective_policy_per_route(config_file):
             "  allow_private_network:  false",
             "  enforce:                true (cross-origin requests from other origins get 403)",
             "  check_websocket_origin: true (WebSocket handshakes from other origins get 403)",
+            "  report_only:            false (enforced)",
             "",
             "2 policies, 0 warnings",
             "",
         ]
     )
+
+
+def test_check_shows_port_wildcards_and_the_regex_list(tmp_path):
+    path = tmp_path / "dev.yaml"
+    path.write_text(
+        "upstream: {url: 'http://127.0.0.1:1'}\n"
+        "cors:\n"
+        "  allow_origins: ['http://localhost:*', 'https://*.example.com:*']\n"
+        "  allow_origin_regex: ['https://[a-z]+\\.example\\.org', 'https://x{1,2}\\.test',"
+        " \"it's\"]\n"
+        "routes:\n"
+        "  - path: /one\n"
+        "    cors: {allow_origin_regex: 'https://[a-z]+\\.example\\.net'}\n"
+        "  - path: /none\n"
+        "    cors: {allow_origin_regex: []}\n"
+    )
+    result = corsproxy("check", "--config", str(path))
+    assert (result.returncode, result.stderr) == (0, "")
+    lines = result.stdout.splitlines()
+    origins = [line for line in lines if line.startswith("  allow_origins:")]
+    assert origins == ["  allow_origins:          http://localhost:*, https://*.example.com:*"] * 3
+    regexes = [line for line in lines if line.startswith("  allow_origin_regex:")]
+    assert regexes == [
+        r"  allow_origin_regex:     'https://[a-z]+\.example\.org', 'https://x{1,2}\.test', "
+        "'it''s'",
+        r"  allow_origin_regex:     https://[a-z]+\.example\.net   <- set by this route",
+        "  allow_origin_regex:     (none)   <- set by this route",
+    ]
 
 
 def test_check_reads_corsproxy_config_from_the_environment(config_file):
@@ -365,6 +395,7 @@ def test_explain_denied_preflight_json(config_file):
         "route": None,
         "status": 400,
         "forwarded": False,
+        "report_only": False,
         "reasons": failed,
         "failed": ["origin", "method", "headers", "private-network"],
         "headers": {"Vary": PREFLIGHT_VARY},

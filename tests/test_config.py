@@ -39,11 +39,12 @@ STAR_FIX = (
 CORS_KEYS = (
     "allow_origins, allow_origin_regex, allow_methods, allow_headers, allow_credentials, "
     "expose_headers, max_age, allow_private_network, enforce, allow_origins_file, "
-    "check_websocket_origin"
+    "check_websocket_origin, report_only"
 )
 WILDCARD_RULE = (
-    '"*" is only allowed as the whole value "*" or as a leading "*." label after the scheme, '
-    'e.g. "https://*.example.com" (for anything else use allow_origin_regex)'
+    '"*" is only allowed as the whole value "*", as a leading "*." label after the scheme, '
+    'e.g. "https://*.example.com", or as the whole port, e.g. "http://localhost:*" (for '
+    "anything else use allow_origin_regex)"
 )
 TOKEN_RULE = "(an RFC 9110 token: letters, digits and !#$%&'*+-.^_`|~, no spaces or commas)"
 
@@ -182,6 +183,53 @@ BAD_FILES = [
             r'e.g. "https://[a-z0-9-]+\.example\.com" (it must match the whole origin)'
         ],
         id="invalid_regex_reports_re_error",
+    ),
+    pytest.param(
+        "cors:\n  allow_origins: ['http://localhost:*x', 'http://*:*', 'http://localhost:*/path',"
+        " 'http://localhost:3000:*', 'http://localhost:*/', 'https://*.example.com:*:*',"
+        " 'http://LOCALHOST:*']\n",
+        [
+            f'FILE: cors.allow_origins[0]: "http://localhost:*x": {WILDCARD_RULE}',
+            f'FILE: cors.allow_origins[1]: "http://*:*": {WILDCARD_RULE}',
+            'FILE: cors.allow_origins[2]: "http://localhost:*/path" has a path; an origin is only '
+            'scheme://host[:port]: write "http://localhost:*"',
+            'FILE: cors.allow_origins[3]: "http://localhost:3000:*" has two ports; ":*" stands '
+            'for any port: write "http://localhost:*" for any port, or "http://localhost:3000" '
+            "for port 3000 only",
+            'FILE: cors.allow_origins[4]: "http://localhost:*/" has a trailing slash; browsers '
+            'send origins without one: write "http://localhost:*"',
+            f'FILE: cors.allow_origins[5]: "https://*.example.com:*:*": {WILDCARD_RULE}',
+            'FILE: cors.allow_origins[6]: "http://LOCALHOST:*" has upper case letters; browsers '
+            'send origins in lower case, so it would never match: write "http://localhost:*"',
+        ],
+        id="port_wildcards",
+    ),
+    pytest.param(
+        "cors:\n  allow_origin_regex: ['https://[a-z]+\\.example\\.org', 'https://(a|b.example.com',"
+        " '', 5]\n",
+        [
+            'FILE: cors.allow_origin_regex[1]: "https://(a|b.example.com" is not a valid regular '
+            "expression (missing ), unterminated subpattern at position 8); fix the pattern, "
+            r'e.g. "https://[a-z0-9-]+\.example\.com" (it must match the whole origin)',
+            "FILE: cors.allow_origin_regex[2]: is empty; remove it (null or [] means no regex), "
+            r'or write a pattern such as "https://[a-z0-9-]+\.example\.com"',
+            "FILE: cors.allow_origin_regex[3]: expected a string, got the number 5; for example: "
+            r'allow_origin_regex: "https://[a-z0-9-]+\.example\.com"',
+        ],
+        id="regex_list_errors_name_the_item",
+    ),
+    pytest.param(
+        "cors:\n  allow_origin_regex: {pattern: x}\n"
+        "routes:\n  - path: /a\n    cors: {allow_origin_regex: ['x', '(?=a)a']}\n",
+        [
+            "FILE: cors.allow_origin_regex: expected a list (or a single string), got a mapping; "
+            r'for example: allow_origin_regex: "https://[a-z0-9-]+\.example\.com"',
+            'FILE: routes[0].cors.allow_origin_regex[1]: "(?=a)a": RE2 cannot run this pattern '
+            "(invalid perl operator: (?=); corsproxy needs linear-time matching on untrusted "
+            "Origin values, so look-arounds and back-references are not supported: rewrite the "
+            "pattern without them",
+        ],
+        id="regex_list_wrong_type_and_re2_refusal_in_a_route",
     ),
     pytest.param(
         "upstream:\n  url: ftp://files.example.com\n",
@@ -606,9 +654,71 @@ def test_accepted_origin_forms():
         "https://*.example.com:8443",
         "chrome-extension://abcdefghijklmnop",
         "https://xn--bcher-kva.example",
+        "http://localhost:*",
+        "https://*.example.com:*",
+        "http://127.0.0.1:*",
+        "http://[::1]:*",
     ]
     config = parse_config(json.dumps({"cors": {"allow_origins": origins}}))
     assert config.cors.allow_origins == tuple(origins)
+
+
+@pytest.mark.parametrize(
+    ("written", "patterns"),
+    [
+        (r"'https://[a-z]+\.example\.org'", (r"https://[a-z]+\.example\.org",)),
+        (r"['https://[a-z]+\.example\.org']", (r"https://[a-z]+\.example\.org",)),
+        (
+            r"['https://[a-z]+\.example\.org', '(?i)https://app\.example\.io']",
+            (r"https://[a-z]+\.example\.org", r"(?i)https://app\.example\.io"),
+        ),
+        ("null", ()),
+        ("[]", ()),
+    ],
+    ids=["single_string", "one_item_list", "two_patterns", "null", "empty_list"],
+)
+def test_origin_regex_is_a_string_or_a_list(written, patterns):
+    config = parse_config(
+        f"cors:\n  allow_origins: [https://a.com]\n  allow_origin_regex: {written}\n"
+    )
+    assert config.cors.allow_origin_regex == patterns
+    assert config.cors == CorsSettings(allow_origins=("https://a.com",),
+                                       allow_origin_regex=patterns)
+    origin = "https://shop.example.org"
+    allowed = config.router.decide(RequestView("GET", "/", (origin,))).allowed
+    assert allowed is bool(patterns)
+
+
+def test_loose_regex_warning_names_the_list_item(tmp_path):
+    text = (
+        "upstream: {url: http://127.0.0.1:8000}\n"
+        "cors:\n  allow_origin_regex: ['https://[a-z]+\\.example\\.org', 'https://.*']\n"
+        "routes:\n  - path: /one\n    cors: {allow_origin_regex: ['https://.+']}\n"
+    )
+    loose = (
+        'the pattern matches any https origin (it matched "https://corsproxy-check.invalid"); '
+        r'anchor it to your domain, e.g. "https://[a-z0-9-]+\.example\.com"'
+    )
+    assert list(load_config(write(tmp_path, text)).warnings) == expect(
+        tmp_path,
+        [
+            f"FILE: cors.allow_origin_regex[1]: {loose}",
+            f"FILE: routes[0].cors.allow_origin_regex: {loose}",
+        ],
+    )
+
+
+def test_broken_regex_item_is_not_no_regex(tmp_path):
+    """A list whose only pattern is broken reports that error, not also "no origin is
+    allowed"; an empty list is no regex and does warn."""
+    error = problems(tmp_path, "cors: {allow_origin_regex: ['x(']}\n")
+    assert len(error.errors) == 1 and "allow_origin_regex[0]" in error.errors[0]
+    assert not any("no origin is allowed" in w for w in error.warnings)
+    config = parse_config("cors: {allow_origin_regex: []}\n", "x.yaml")
+    assert any(
+        w.startswith("x.yaml: cors.allow_origins: empty and no allow_origin_regex, so no origin")
+        for w in config.warnings
+    )
 
 
 # -- warnings ---------------------------------------------------------------------
@@ -713,7 +823,8 @@ def test_schema_forbids_unknown_keys_everywhere():
         assert definition["additionalProperties"] is False, name
 
 
-EXAMPLES = sorted((ROOT / "config").glob("*.yaml"))
+# config/policy-tests.yaml is a `corsproxy test` case file, not a config.
+EXAMPLES = sorted(p for p in (ROOT / "config").glob("*.yaml") if p.name != "policy-tests.yaml")
 
 
 def test_there_are_examples():

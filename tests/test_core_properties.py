@@ -46,11 +46,15 @@ HEADER_VALUE = st.one_of(TEXT, HUGE)
 ORIGIN_ENTRIES = [
     "https://app.example.com", "http://localhost:3000", "null", "https://*.example.com",
     "https://*.example.com:8443", "http://*.test", "http://[::1]:8080",
+    "http://localhost:*", "https://*.example.com:*",
 ]
 REGEXES = [
     None, r"https://[a-z]+\.example\.org", r"https://(a+)+\.example\.com", r".*",
     r"https://app\.example\.org|http://localhost:\d+", r"https://[a-z.]+",
+    (r"https://[a-z]+\.example\.org", r"(?i)http://localhost:\d+"),
 ]
+#: Single patterns Python ``re`` finishes on quickly (usable as an oracle).
+SINGLE_REGEXES = [r for r in REGEXES if isinstance(r, str) and "(a+)+" not in r]
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "patch", "DELETE", "*"]
 HEADER_NAMES = ["X-Api-Key", "Authorization", "content-type", "x-a", "*"]
 
@@ -212,8 +216,59 @@ def test_pattern_only_allows_subdomains_with_a_dot_boundary(scheme, middle, suff
         assert origin.endswith(".example.com") and len(middle) >= 1
 
 
+PORT_POLICY = Router(CorsPolicy(CorsSettings(allow_origins=("http://localhost:*",))))
+
+
+def port_oracle(origin: str) -> bool:
+    """http://localhost:*: the host exactly, then 1-65535 as a browser writes it
+    (no leading zero), and never 80 (a browser leaves the default port out)."""
+    prefix = "http://localhost:"
+    port = origin[len(prefix) :]
+    return (
+        origin.startswith(prefix)
+        and port.isascii()
+        and port.isdigit()
+        and not port.startswith("0")
+        and 0 < int(port) <= 65535
+        and port != "80"
+    )
+
+
+@BOUNDED
+@given(
+    st.sampled_from(["http://localhost:", "https://localhost:", "http://localhost", "http://",
+                     "http://localhost.evil.com:", "http://LOCALHOST:", "http://localhost::"]),
+    st.one_of(st.integers(0, 99999).map(str), st.integers(0, 999).map("0{}".format), TEXT),
+)
+@example("http://localhost:", "80")
+@example("http://localhost:", "65535")
+@example("http://localhost:", "65536")
+@example("http://localhost:", "")
+@example("http://localhost:", "5173/")
+def test_port_wildcard_allows_exactly_the_ports_a_browser_sends(start, port):
+    origin = start + port
+    decision = PORT_POLICY.decide(RequestView("GET", origin=(origin,)))
+    assert decision.allowed == port_oracle(origin), origin
+    if decision.allowed:
+        assert decision.headers == (("Access-Control-Allow-Origin", origin),)
+
+
 REGEX = r"https://app\.example\.org"
 REGEX_POLICY = Router(CorsPolicy(CorsSettings(allow_origin_regex=REGEX)))
+
+
+@BOUNDED
+@given(
+    st.lists(st.sampled_from(SINGLE_REGEXES), min_size=1, max_size=3, unique=True),
+    st.one_of(TEXT, st.sampled_from(
+        ["https://aaa.example.com", "https://shop.example.org", "http://localhost:8"])),
+)
+def test_regex_list_is_any_pattern_in_full(patterns, origin):
+    router = Router(CorsPolicy(CorsSettings(allow_origin_regex=tuple(patterns))))
+    assume(len(origin) <= MAX_ORIGIN_LENGTH and origin != "null")
+    visible = re.fullmatch(r"[!-~]+", origin) is not None
+    expected = visible and any(re.fullmatch(p, origin) for p in patterns)
+    assert router.decide(RequestView("GET", origin=(origin,))).allowed == expected
 
 
 @BOUNDED
@@ -228,7 +283,7 @@ def test_regex_is_a_full_match_not_prefix_or_suffix(before, after):
 
 
 @BOUNDED
-@given(st.sampled_from([r for r in REGEXES if r]), st.one_of(TEXT, st.sampled_from(
+@given(st.sampled_from([r for r in REGEXES if isinstance(r, str)]), st.one_of(TEXT, st.sampled_from(
     ["https://aaa.example.com", "https://shop.example.org", "http://localhost:8", "null"])))
 def test_regex_agrees_with_python_fullmatch(pattern, origin):
     router = Router(CorsPolicy(CorsSettings(allow_origin_regex=pattern)))

@@ -184,6 +184,108 @@ def test_origin_reasons_say_which_rule_matched():
     )
 
 
+def test_port_wildcard_reason_names_the_pattern():
+    r = router(allow_origins=("http://localhost:*", "https://*.example.com:*"))
+    assert r.decide(RequestView("GET", "/", ("http://localhost:5173",))).reasons == (
+        'origin: "http://localhost:5173" is allowed by pattern "http://localhost:*"',
+    )
+    assert r.decide(RequestView("GET", "/", ("https://a.b.example.com:8443",))).reasons == (
+        'origin: "https://a.b.example.com:8443" is allowed by pattern "https://*.example.com:*"',
+    )
+
+
+@pytest.mark.parametrize(
+    ("origin", "allowed"),
+    [
+        ("http://localhost:1", True),
+        ("http://localhost:5173", True),
+        ("http://localhost:65535", True),
+        ("http://localhost", False),
+        ("http://localhost:", False),
+        ("http://localhost:0", False),
+        ("http://localhost:080", False),
+        ("http://localhost:65536", False),
+        ("http://localhost:99999", False),
+        ("http://localhost:123456", False),
+        ("http://localhost:80", False),  # the default port: a browser never writes it
+        ("http://localhost:+80", False),
+        ("http://localhost:8O", False),
+        ("http://localhost:5173:5173", False),
+        ("http://localhost:5173/", False),
+        ("http://localhost.evil.com:80", False),
+        ("http://evil.localhost:3000", False),
+        ("http://localhost@evil.com:3000", False),
+        ("https://localhost:5173", False),
+        ("http://LOCALHOST:5173", False),
+    ],
+)
+def test_port_wildcard_takes_ports_as_browsers_write_them(origin, allowed):
+    policy = CorsPolicy(CorsSettings(allow_origins=("http://localhost:*",)))
+    assert (policy.match_origin(origin) is not None) is allowed
+
+
+@pytest.mark.parametrize(
+    ("origin", "allowed"),
+    [
+        ("https://a.example.com:8443", True),
+        ("https://a.b.example.com:1", True),
+        ("https://example.com:8443", False),
+        ("https://a.example.com", False),
+        ("https://a.example.com:443", False),
+        ("https://.example.com:8443", False),
+        ("https://a.example.com.evil.net:8443", False),
+        ("https://evil-example.com:8443", False),
+        ("http://a.example.com:8443", False),
+    ],
+)
+def test_subdomain_port_wildcard(origin, allowed):
+    policy = CorsPolicy(CorsSettings(allow_origins=("https://*.example.com:*",)))
+    assert (policy.match_origin(origin) is not None) is allowed
+
+
+def test_regex_list_matches_when_any_pattern_matches_in_full():
+    policy = CorsPolicy(CorsSettings(
+        allow_origin_regex=(r"(?i)https://app\.example\.io", r"https://[a-z]+\.example\.org"),
+    ))
+    assert policy.match_origin("https://APP.example.io") == "allow_origin_regex"
+    assert policy.match_origin("https://docs.example.org") == "allow_origin_regex"
+    # The flag stays in its own pattern; each pattern is anchored as a whole.
+    assert policy.match_origin("https://DOCS.example.org") is None
+    assert policy.match_origin("https://app.example.io.example.org") is None
+    assert policy.match_origin("https://docs.example.org.evil.net") is None
+
+
+def test_origin_regex_setting_accepts_the_old_single_string():
+    assert CorsSettings(allow_origin_regex="x").allow_origin_regex == ("x",)
+    assert CorsSettings(allow_origin_regex=None).allow_origin_regex == ()
+    assert CorsSettings(allow_origin_regex="").allow_origin_regex == ()
+    assert CorsSettings(allow_origin_regex=["a", "b"]).allow_origin_regex == ("a", "b")
+    assert CorsSettings(allow_origin_regex="x") == CorsSettings(allow_origin_regex=("x",))
+
+
+def test_regex_list_still_matches_when_re2_refuses_the_joined_alternation(monkeypatch):
+    """The one-alternation form is an optimisation: if RE2 refuses it (its memory
+    budget), the patterns run one by one with the same answers."""
+    import corsproxy.core as core
+
+    real = core._re2.compile
+
+    def no_alternation(pattern, *args):
+        if ")|(?:" in pattern:
+            raise core._re2.error("pattern too large")
+        return real(pattern, *args)
+
+    monkeypatch.setattr(core._re2, "compile", no_alternation)
+    policy = CorsPolicy(CorsSettings(allow_origin_regex=(r"https://a\.test", r"https://b\.test")))
+    assert policy.match_origin("https://b.test") == "allow_origin_regex"
+    assert policy.match_origin("https://c.test") is None
+
+
+def test_an_invalid_pattern_in_a_regex_list_is_refused():
+    with pytest.raises(re.error):
+        CorsPolicy(CorsSettings(allow_origin_regex=(r"https://a\.test", "https://(")))
+
+
 def test_two_origin_lines_reason():
     d = router().decide(RequestView("GET", "/", (APP, APP)))
     assert d.reasons == ("origin: the request has 2 Origin headers; one is allowed",)

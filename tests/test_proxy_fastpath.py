@@ -147,21 +147,24 @@ async def test_the_cache_is_bounded_and_ignores_huge_values(proxy, monkeypatch):
 
 @pytest.mark.parametrize("log_format", ["text", "json"])
 @pytest.mark.parametrize(
-    ("client", "path", "origin", "route"),
+    ("client", "path", "origin", "route", "asked"),
     [
-        ("127.0.0.1", "/items", APP, None),
-        (None, "/a b/\u00e9\"=", 'x" y', "/api"),
-        ("::1", "", None, "/"),
+        ("127.0.0.1", "/items", APP, None, ("PUT", None)),
+        (None, "/a b/\u00e9\"=", 'x" y', "/api", ("P T", 'X-A, "b"')),
+        ("::1", "", None, "/", (None, None)),
     ],
 )
-def test_precomputed_access_lines_equal_the_general_ones(log_format, client, path, origin, route):
-    template = AccessTemplate(log_format, "OPTIONS", 400, origin, "denied", route, 'why; "q"', 23)
+def test_precomputed_access_lines_equal_the_general_ones(log_format, client, path, origin, route,
+                                                         asked):
+    template = AccessTemplate(log_format, "OPTIONS", 400, origin, "denied", route, 'why; "q"', 23,
+                              *asked)
     request_id = 'client-id-"with\\quotes"'
     fields = {
         "client": client, "method": "OPTIONS", "path": path, "status": 400, "origin": origin,
         "cors": "denied", "route": route, "request_id": request_id, "upstream_us": None,
-        "us": 370, "request_bytes": 0, "response_bytes": 23, "error": None,
-        "reason": 'why; "q"',
+        "us": 370, "request_bytes": 0, "response_bytes": 23, "request_method": asked[0],
+        "request_headers": asked[1], "credentials": None, "report": None,
+        "report_detail": None, "error": None, "reason": 'why; "q"',
     }
     fast = template.line(client, path, request_id, 370)
     slow = access_line(log_format, fields)

@@ -22,8 +22,11 @@ What is expressible in Starlette, and how:
   covered by the core and proxy tests.
 - ``enforce`` has no Starlette keyword; its effect is the named difference
   ``ENFORCE_REJECTS_DENIED_ORIGINS``, so those cases are compared too.
-- Subdomain patterns are handed to Starlette as the equivalent regex
-  (``SUBDOMAIN_PATTERNS``).
+- Subdomain patterns and port wildcards are handed to Starlette as the equivalent
+  regex (``SUBDOMAIN_PATTERNS``, ``PORT_WILDCARD``).
+- A list of ``allow_origin_regex`` patterns is handed to Starlette as the one
+  equivalent string ``(?:a)|(?:b)`` (``joined_origin_regex``): not a difference,
+  so compared like any other policy.
 - A policy corsproxy refuses at config load (``*`` with credentials, a regex RE2
   can't run) is compared as "refused" (``STAR_WITH_CREDENTIALS_REFUSED``,
   ``ORIGIN_REGEX_ON_RE2``).
@@ -103,8 +106,8 @@ def unvalidated_settings(policy: Mapping[str, Any]) -> list[CorsSettings]:
     def merge(fields: Mapping[str, Any], base: CorsSettings) -> CorsSettings:
         values = dict(base.__dict__)
         for key, value in fields.items():
-            if isinstance(getattr(base, key), tuple):
-                value = (value,) if isinstance(value, str) else tuple(value)
+            if isinstance(getattr(base, key), tuple):  # None: allow_origin_regex: null
+                value = (value,) if isinstance(value, str) else tuple(value or ())
             values[key] = value
         return CorsSettings(**values)
 
@@ -431,20 +434,62 @@ ORIGIN_ENTRIES: dict[str, tuple[list[str], list[str]]] = {
         ["http://x.dev.test:8080", "http://x.y.dev.test:8080"],
         ["http://x.dev.test", "http://x.dev.test:8081", "http://dev.test:8080"],
     ),
+    "http://localhost:*": (
+        ["http://localhost:5173", "http://localhost:1", "http://localhost:65535",
+         "http://localhost:8080"],
+        [
+            "http://localhost",
+            "http://localhost:",
+            "http://localhost:80",
+            "http://localhost:0",
+            "http://localhost:080",
+            "http://localhost:65536",
+            "http://localhost:99999",
+            "https://localhost:5173",
+            "http://localhost.evil.com:80",
+            "http://localhost:5173.evil.com",
+            "http://localhost:5173/",
+            "http://localhost:*",
+        ],
+    ),
+    "https://*.example.com:*": (
+        ["https://a.example.com:8443", "https://a.b.example.com:4430", "https://a.example.com:80"],
+        [
+            "https://example.com:8443",
+            "https://a.example.com",
+            "https://a.example.com:443",
+            "https://a.example.com.evil.net:8443",
+            "https://evil-example.com:8443",
+        ],
+    ),
 }
 ORIGIN_SETS = [
     [_APP],
     [_APP, "http://localhost:3000"],
     ["https://*.example.com"],
     ["https://*.example.com", "http://*.dev.test:8080", "null"],
+    ["http://localhost:*"],
+    ["http://localhost", "http://localhost:*", "https://*.example.com:*"],
+    ["https://*.example.com", "https://*.example.com:*"],
     ["null", "https://xn--bcher-kva.example"],
     [],
     ["*"],
     ["*", _APP],
 ]
-#: Origin regexes, with origins that match them and origins that nearly do.
-REGEXES: dict[str | None, tuple[list[str], list[str]]] = {
+#: Origin regexes (a tuple: a list of patterns), with origins that match them and
+#: origins that nearly do.
+REGEXES: dict[str | tuple[str, ...] | None, tuple[list[str], list[str]]] = {
     None: ([], []),
+    (r"(?i)https://app\.example\.io", r"https://[a-z0-9-]+\.example\.org"): (
+        ["https://APP.example.io", "https://foo.example.org"],
+        ["https://FOO.example.org", "https://app.example.io.example.org", "https://app.example.io/"],
+    ),
+    (r"https://([a-z0-9-]+\.)+example\.com", r"http://127\.0\.0\.1:[0-9]{2,5}"): (
+        ["https://a.b.example.com", "http://127.0.0.1:8000"],
+        ["https://example.com", "http://127.0.0.1:8", "https://a.example.comhttp://127.0.0.1:80"],
+    ),
+    (r"https://[a-z0-9-]+\.example\.org",): (["https://foo.example.org"], ["https://example.org"]),
+    (r"https://a\.test", r"https://(?!admin)[a-z]+\.example\.org"): (["https://a.test"], []),
     r"https://[a-z0-9-]+\.example\.org": (
         ["https://foo.example.org", "https://foo-bar.example.org"],
         ["https://foo.example.org.evil.net", "https://FOO.example.org", "https://example.org"],
@@ -526,7 +571,7 @@ def policies(draw) -> dict[str, Any]:
     cors: dict[str, Any] = {"allow_origins": draw(st.sampled_from(ORIGIN_SETS))}
     regex = draw(st.sampled_from([None, *REGEXES]))
     if regex is not None:
-        cors["allow_origin_regex"] = regex
+        cors["allow_origin_regex"] = list(regex) if isinstance(regex, tuple) else regex
     cors["allow_methods"] = _weighted(
         draw,
         (1, st.sampled_from([["*"], ["*", "GET"]])),
@@ -559,7 +604,8 @@ def exchanges(draw) -> dict[str, Any]:
     policy = draw(policies())
     cors = policy["cors"]
     pairs = [ORIGIN_ENTRIES[e] for e in cors["allow_origins"] if e in ORIGIN_ENTRIES]
-    pairs.append(REGEXES[cors.get("allow_origin_regex")])
+    regex = cors.get("allow_origin_regex")
+    pairs.append(REGEXES[tuple(regex) if isinstance(regex, list) else regex])
     hits = [o for pair in pairs for o in pair[0]]
     misses = [o for pair in pairs for o in pair[1]]
     lines: list[tuple[str, str]] = []
@@ -680,6 +726,22 @@ def test_a_backtracking_regex_is_compared_with_re2_on_both_sides():
     )
     assert_agree(result)
     assert "ORIGIN_REGEX_ON_RE2" in result.applied
+
+
+@pytest.mark.parametrize(
+    "origin",
+    ["https://APP.example.io", "https://docs.example.org", "https://DOCS.example.org",
+     "https://app.example.io.example.org", "https://evil.example"],
+)
+def test_a_regex_list_needs_no_listed_difference(origin):
+    """A list of patterns is no difference from Starlette: handed over as one
+    alternation with each pattern's flags kept to its branch, it answers the same
+    with no difference applied."""
+    policy = {"cors": {"allow_origin_regex": [r"(?i)https://app\.example\.io",
+                                              r"https://[a-z]+\.example\.org"]}}
+    result = compare(policy, "GET", "/", [("Origin", origin)])
+    assert_agree(result)
+    assert result.applied == (), result.report()
 
 
 @pytest.mark.filterwarnings("ignore:Possible nested set:FutureWarning")
