@@ -2,12 +2,15 @@
 
 Commands: ``run`` (the proxy), ``check`` (validate a config and print the effective
 policy), ``explain`` (what the proxy would answer to one request, and why),
-``demo``, ``schema`` (the config file's JSON Schema) and ``healthcheck`` (for the
-Dockerfile's HEALTHCHECK).
+``demo``, ``schema`` (the config file's JSON Schema), ``healthcheck`` (for the
+Dockerfile's HEALTHCHECK), ``learn`` (a policy proposed from access logs,
+:mod:`corsproxy.learn`) and ``test`` (a file of expected answers checked against the
+policy, :mod:`corsproxy.policytest`).
 
 Exit codes: 0 success (``explain`` exits 0 whatever the verdict), 1 an unusable
 config or a failed health check, 2 bad command-line arguments (argparse's
-convention), 130 interrupted. A user error never prints a traceback: config
+convention), 130 interrupted. ``test`` exits 1 when a case fails and 2 when the run
+can't be made (a bad case file or config, too). A user error never prints a traceback: config
 problems arrive as :class:`~corsproxy.config.ConfigError` lines, file problems as
 ``OSError``, both printed in one line each.
 
@@ -349,7 +352,8 @@ def _summary(config: Config) -> str:
     if config.cors.report_only:
         reporting.insert(0, "cors")
     report = f" ({len(reporting)} report-only: {', '.join(reporting)})" if reporting else ""
-    out += ["", f"{1 + len(config.routes)} policies{report}, {n} warning"
+    count = 1 + len(config.routes)
+    out += ["", f"{count} polic{'ies' if count != 1 else 'y'}{report}, {n} warning"
                 f"{'s' if n != 1 else ''}"]
     return "\n".join(out)
 

@@ -68,7 +68,8 @@ depend on the order of the lines):
   ASCII order), sorted case-insensitively, without the safelisted names
   (:data:`~corsproxy.core.SAFELISTED_REQUEST_HEADERS`, always allowed).
 - ``allow_credentials``: true when a counted request of the section carried
-  credentials (``credentials: true`` in its line), with how many.
+  a Cookie (``credentials: true`` in its line: the page used ``credentials:
+  "include"``), with how many.
 - Only origins that pass ``--min-count`` contribute methods, headers and
   credentials (risky ones included: they are in the proposal, commented out).
 - Nothing else is learned (``allow_origin_regex``, ``expose_headers``, ``max_age``,
@@ -743,7 +744,7 @@ def _section_lines(p: SectionProposal, indent: str, min_count: int) -> list[str]
         out.append(f"{indent}allow_headers: []  # no preflight asked for another header")
     if p.credentials:
         out.append(f"{indent}allow_credentials: true  # {p.credentials} of "
-                   f"{_n(p.requests, 'request')} carried credentials (Cookie or Authorization)")
+                   f"{_n(p.requests, 'request')} carried cookies (credentials: \"include\")")
     elif p.requests:
         out.append(f"{indent}allow_credentials: false  # no credentials in "
                    f"{_n(p.requests, 'request')}")
@@ -763,7 +764,7 @@ _GUIDE = """\
 #   HEAD and POST sent as simple requests need no preflight, so they appear only when a
 #   preflight asked for them. Accept, Accept-Language, Content-Language and Content-Type are
 #   always allowed and not listed.
-# - allow_credentials: true when a counted request carried a Cookie or Authorization header.
+# - allow_credentials: true when a counted request carried a Cookie (credentials: "include").
 # - Not learned (add what you need): allow_origin_regex, expose_headers, max_age, enforce,
 #   allow_private_network, check_websocket_origin. A route inherits them from cors.
 # - Add upstream: {url: ...} (or pass --upstream to corsproxy run), then corsproxy check.

@@ -250,7 +250,7 @@ def test_check_prints_warnings_on_stderr(tmp_path):
     path.write_text("upstream: {url: 'http://127.0.0.1:1'}\ncors: {allow_origins: ['null']}\n")
     result = corsproxy("check", "-c", str(path))
     assert result.returncode == 0
-    assert result.stdout.endswith("\n1 policies, 1 warning\n")
+    assert result.stdout.endswith("\n1 policy, 1 warning\n")
     assert result.stderr == (
         f'warning: {path}: cors.allow_origins[0]: "null" trusts every sandboxed iframe, data: '
         "and file: page on the web (they all send Origin: null); remove it unless you really "

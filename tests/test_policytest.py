@@ -9,7 +9,6 @@ the same argparse parser) for the many case-file errors, each with its exact mes
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -173,34 +172,13 @@ enforced (the proxy forwards those requests whatever the verdict)
 # -- running the command ------------------------------------------------------------------
 
 
-def wired() -> bool:
-    """True once ``corsproxy.cli`` registers ``test`` (then ``-m corsproxy test`` runs it)."""
-    parser = cli.build_parser()
-    return any(
-        isinstance(action, argparse._SubParsersAction) and "test" in action.choices
-        for action in parser._actions
-    )
-
-
-#: Until the CLI registers the command: the same parser and function in a process of
-#: its own, as ``corsproxy.cli`` will run them.
-HARNESS = """\
-import argparse, sys
-from corsproxy import policytest
-parser = argparse.ArgumentParser(prog="corsproxy")
-policytest.add_parser(parser.add_subparsers(dest="command", required=True))
-sys.exit(policytest.cmd_test(parser.parse_args(sys.argv[1:])))
-"""
-
-
 def corsproxy_test(*args: str | Path, env: dict[str, str] | None = None
                    ) -> subprocess.CompletedProcess:
     """Run ``python -m corsproxy test ARGS`` in the repository; no CORSPROXY_CONFIG."""
-    command = ["-m", "corsproxy"] if wired() else ["-c", HARNESS]
     if env is None:
         env = {k: v for k, v in os.environ.items() if k != "CORSPROXY_CONFIG"}
     result = subprocess.run(
-        [sys.executable, *command, "test", *map(str, args)],
+        [sys.executable, "-m", "corsproxy", "test", *map(str, args)],
         capture_output=True, text=True, timeout=RUN_TIMEOUT, env=env, cwd=ROOT,
     )
     assert "Traceback" not in result.stdout + result.stderr
@@ -209,10 +187,8 @@ def corsproxy_test(*args: str | Path, env: dict[str, str] | None = None
 
 def run_in_process(*args: str | Path, capsys: pytest.CaptureFixture[str]
                    ) -> tuple[int, str, str]:
-    """``cmd_test`` through the command's own argparse parser, in this process."""
-    parser = argparse.ArgumentParser(prog="corsproxy")
-    policytest.add_parser(parser.add_subparsers(dest="command", required=True))
-    code = policytest.cmd_test(parser.parse_args(["test", *map(str, args)]))
+    """``cmd_test`` through the CLI's own argparse parser, in this process."""
+    code = policytest.cmd_test(cli.build_parser().parse_args(["test", *map(str, args)]))
     out, err = capsys.readouterr()
     return code, out, err
 
