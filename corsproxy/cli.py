@@ -28,15 +28,14 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
 from urllib.parse import urlsplit
 
 from . import __version__, learn, policytest
+from ._args import ENV_CONFIG, config_arg
 from .config import AdminConfig, Config, ConfigError, config_json_schema, load_config
 from .core import SAFELISTED_REQUEST_HEADERS, CorsSettings
 from .explain import explain_json, explain_text, request_view
 
-ENV_CONFIG = "CORSPROXY_CONFIG"
 HEALTHCHECK_URL = "http://127.0.0.1:8080/"
 HEALTHZ_URL = "http://127.0.0.1:9901/healthz"
 HEALTHCHECK_ORIGIN = "http://corsproxy-healthcheck.invalid"
@@ -50,19 +49,6 @@ class UsageError(Exception):
 # ---------------------------------------------------------------------------
 # Argument parsing
 # ---------------------------------------------------------------------------
-
-
-def _config_arg(parser: Any, purpose: str = "the YAML config file") -> None:
-    """``--config FILE``, defaulting to $CORSPROXY_CONFIG (``parser`` may be a group)."""
-    env = os.environ.get(ENV_CONFIG) or None
-    parser.add_argument(
-        "--config",
-        "-c",
-        metavar="FILE",
-        default=env,
-        help=f"{purpose} (default: ${ENV_CONFIG}"
-        + (f", now {env!r})" if env else ", which is not set)"),
-    )
 
 
 def _port(value: str) -> int:
@@ -104,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("run", help="run the proxy", description="Run the proxy.")
-    _config_arg(p)
+    config_arg(p)
     p.add_argument("--upstream", metavar="URL", help="override upstream.url")
     p.add_argument("--host", metavar="HOST", help="override listen.host")
     p.add_argument("--port", metavar="PORT", type=_port, help="override listen.port")
@@ -123,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Validate a config file. Exit 0 and print the effective CORS policy "
         "of every route; exit 1 and print every error (stderr).",
     )
-    _config_arg(p)
+    config_arg(p)
 
     p = sub.add_parser(
         "explain",
@@ -133,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         "it a preflight (method OPTIONS). Without --origin the request is not a CORS "
         "request (it gets only Vary: Origin). Exit 0 whatever the verdict.",
     )
-    _config_arg(p)
+    config_arg(p)
     p.add_argument("--origin", metavar="ORIGIN", help="the Origin header (omit: no Origin)")
     p.add_argument(
         "--method",
@@ -205,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--url", metavar="URL",
                        help=f"send the health preflight to this proxy URL (e.g. "
                             f"{HEALTHCHECK_URL})")
-    _config_arg(group, "take the address from this config")
+    config_arg(group, "take the address from this config")
     return parser
 
 

@@ -102,7 +102,6 @@ import argparse
 import gzip
 import ipaddress
 import json
-import os
 import re
 import sys
 import zlib
@@ -111,6 +110,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from ._args import config_arg
 from ._config_checks import origin_problem
 from .config import Config, ConfigError, load_config
 from .core import (
@@ -144,7 +144,6 @@ __all__ = [
     "yaml_scalar",
 ]
 
-ENV_CONFIG = "CORSPROXY_CONFIG"  # as in corsproxy.cli (not imported: cli imports this module)
 DEFAULT_PUBLIC_SUFFIX_LIST = "/usr/share/publicsuffix/public_suffix_list.dat"
 #: Longest line looked at; longer ones are skipped without being kept in memory.
 MAX_LINE_BYTES = 64 * 1024
@@ -1017,7 +1016,6 @@ def _min_count(value: str) -> int:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``learn`` on ``subparsers`` (from ``add_subparsers``); returns its parser."""
-    env = os.environ.get(ENV_CONFIG) or None
     p = subparsers.add_parser(
         "learn",
         help="propose a CORS policy from JSON access logs",
@@ -1031,9 +1029,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="JSON access log files (- for stdin; .gz files are decompressed)")
     p.add_argument("--min-count", type=_min_count, default=1, metavar="N",
                    help="leave out origins seen fewer than N times (default 1)")
-    p.add_argument("--config", "-c", metavar="CURRENT", default=env,
-                   help="also list the changes against this config (default: "
-                   f"${ENV_CONFIG}" + (f", now {env!r})" if env else ", which is not set)"))
+    config_arg(p, "also list the changes against this config", metavar="CURRENT")
     p.add_argument("--public-suffix-list", metavar="FILE",
                    help=f"the Public Suffix List for grouping subdomains by site (default "
                    f"{DEFAULT_PUBLIC_SUFFIX_LIST}, Debian's publicsuffix package)")

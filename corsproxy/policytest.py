@@ -108,6 +108,7 @@ from typing import Any
 
 import yaml
 
+from ._args import ENV_CONFIG, config_arg
 from ._config_messages import _describe, _path
 from ._config_yaml import Loc, _yaml_error
 from .config import Config, ConfigError, load_config
@@ -749,8 +750,6 @@ class _Report:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``corsproxy test`` on the ``add_subparsers()`` object of the CLI."""
-    from .cli import _config_arg
-
     p = subparsers.add_parser(
         "test",
         help="check the policy against a file of expected answers (for CI)",
@@ -761,7 +760,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "or config. The case format is documented in corsproxy/policytest.py and "
         "config/policy-tests.yaml.",
     )
-    _config_arg(p, "the YAML config file whose policy is tested")
+    config_arg(p, "the YAML config file whose policy is tested")
     p.add_argument("cases", metavar="CASES.yaml", help="the case file")
     p.add_argument("--junit", metavar="FILE", help="also write a JUnit XML report to FILE")
     return p
@@ -804,8 +803,6 @@ def _run(config: Config, cases: list[Case]) -> list[CaseResult]:
 
 def cmd_test(args: argparse.Namespace) -> int:
     """Run ``corsproxy test``; returns the exit code (0, 1 or 2; see the module doc)."""
-    from .cli import ENV_CONFIG
-
     if not args.config:
         _err(f"corsproxy test: no config file: pass --config FILE or set {ENV_CONFIG}")
         return 2
