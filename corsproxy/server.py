@@ -179,6 +179,8 @@ class _Preflight:
 #: Origin/ACRM/ACRH/ACRPN values) above which a preflight is decided uncached.
 _PREFLIGHT_CACHE_SIZE = 1024
 _PREFLIGHT_KEY_MAX = 1024
+#: Bound on the report-only comparisons kept (emptied when full).
+_REPORT_CACHE_SIZE = 4096
 
 
 class _Log:
@@ -218,7 +220,7 @@ class _Policy:
     """Everything a request reads from the policy, swapped as one on a reload: the
     router, the routes' upstream timeouts, and the preflight answers cached for it."""
 
-    __slots__ = ("router", "route_timeouts", "preflights")
+    __slots__ = ("router", "route_timeouts", "preflights", "reports")
 
     def __init__(self, config: Config) -> None:
         self.router: Router = config.router
@@ -237,6 +239,8 @@ class _Policy:
                 self.route_timeouts[route.path] = kwargs
         #: Whole preflight answers by (route, Origin lines, ACRM, ACRH lines, ACRPN).
         self.preflights: dict[tuple, _Preflight | None] = {}
+        #: Report-only comparisons by request and upstream answer (:meth:`Proxy._report`).
+        self.reports: dict[tuple, tuple[str, str] | None] = {}
 
 
 class Proxy:
@@ -698,13 +702,27 @@ class Proxy:
         if len(origins) != 1:
             return
         acrm = request.get_all("access-control-request-method")
-        report = compare(
-            decision, status, pairs, origin=origins[0],
-            request_method=", ".join(acrm) if acrm else None,
-            request_headers=request.get_all("access-control-request-headers"),
-            private_network=request.get("access-control-request-private-network") == "true",
-            cookies=request.get("cookie") is not None,
-        )
+        acrh = tuple(request.get_all("access-control-request-headers"))
+        private_network = request.get("access-control-request-private-network") == "true"
+        cookies = request.get("cookie") is not None
+        theirs = tuple(p for p in pairs if p[0][:15].lower() == "access-control-")
+        # The same request and answer repeat: compare each combination once (bounded).
+        key = (decision, status, theirs, origins[0], tuple(acrm), acrh, private_network,
+               cookies)
+        reports = self.policy.reports
+        try:
+            report = reports[key]
+        except KeyError:
+            report = compare(
+                decision, status, theirs, origin=origins[0],
+                request_method=", ".join(acrm) if acrm else None, request_headers=acrh,
+                private_network=private_network, cookies=cookies,
+            )
+            size = len(origins[0]) + sum(map(len, acrh)) + sum(len(n) + len(v) for n, v in theirs)
+            if size <= _PREFLIGHT_KEY_MAX:  # never keep large hostile values
+                if len(reports) >= _REPORT_CACHE_SIZE:
+                    reports.clear()
+                reports[key] = report
         if report is not None:
             entry.report = report
             self.metrics.report(decision, report[0], report[1], origins[0])
