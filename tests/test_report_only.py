@@ -300,3 +300,20 @@ async def test_report_only_forwards_a_handshake_the_policy_would_refuse():
             '(status 101); the policy would deny it (origin: "https://evil.example" is not '
             "allowed by allow_origins or allow_origin_regex)"
         )
+
+
+async def test_a_repeated_request_is_reported_every_time(upstream):
+    """The comparison is computed once per combination, but every request still gets
+    its access line's report and its count."""
+    async with ws_proxies() as start:
+        proxy = await start(upstream.url, cors={"allow_origins": [NEW], "report_only": True})
+        data = request("GET", "/again", ("Origin", NEW))
+        for _ in range(3):
+            assert status_of(await raw_exchange(proxy.port, data)) is not None
+        records = await proxy.wait_record(lambda r: len(proxy.for_path("/again")) >= 3)
+        assert records is not None
+        reports = {(r["report"], r["report_detail"]) for r in proxy.for_path("/again")}
+        assert len(reports) == 1 and None not in next(iter(reports))
+        text = proxy.server.proxy.metrics.render(idle=0, active=0, inflight=0).decode()
+        assert 'corsproxy_report_only_disagreements_total{direction="policy_looser",' \
+               'kind="actual",route=""} 3.0' in text
