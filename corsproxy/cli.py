@@ -547,12 +547,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _err(str(e))
         return 2
     except ConfigError as e:
-        for line in e.errors:
+        for line in e.report():
             _err(line)
-        for line in e.warnings:
-            _err(f"warning: {line}")
-        n = len(e.errors)
-        _err(f"{n} error{'s' if n != 1 else ''}; corsproxy did not use this config")
         return 1
     except KeyboardInterrupt:
         return 130

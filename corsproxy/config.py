@@ -247,6 +247,13 @@ class ConfigError(Exception):
         self.warnings = list(warnings)
         super().__init__("\n".join(self.errors))
 
+    def report(self) -> list[str]:
+        """What a command prints (stderr) for an unusable config: every error, every
+        warning (``warning: ...``), and a last line with the count."""
+        n = len(self.errors)
+        return [*self.errors, *(f"warning: {w}" for w in self.warnings),
+                f"{n} error{'s' if n != 1 else ''}; corsproxy did not use this config"]
+
 
 # ---------------------------------------------------------------------------
 # Structure (pydantic models; also the JSON Schema)

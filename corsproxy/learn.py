@@ -1075,16 +1075,6 @@ def _read(summary: LogSummary, name: str) -> None:
             summary.read(name, raw)
 
 
-def _config_error(e: ConfigError) -> int:
-    for line in e.errors:
-        _err(line)
-    for line in e.warnings:
-        _err(f"warning: {line}")
-    n = len(e.errors)
-    _err(f"{n} error{'s' if n != 1 else ''}; corsproxy did not use this config")
-    return 1
-
-
 def cmd_learn(args: argparse.Namespace) -> int:
     """Run ``corsproxy learn``; returns the exit code (see the module docstring)."""
     try:
@@ -1098,7 +1088,9 @@ def cmd_learn(args: argparse.Namespace) -> int:
         try:
             config = load_config(args.config)
         except ConfigError as e:
-            return _config_error(e)
+            for line in e.report():
+                _err(line)
+            return 1
     summary = LogSummary()
     for name in args.log:
         try:

@@ -782,9 +782,7 @@ def _load(args: argparse.Namespace) -> tuple[Config | None, list[Case], list[str
     try:
         config = load_config(args.config)
     except ConfigError as e:
-        n = len(e.errors)
-        problems += [*e.errors, *(f"warning: {w}" for w in e.warnings),
-                     f"{_plural(n, 'error')}; corsproxy did not use this config"]
+        problems += e.report()
         return None, cases, problems
     return config, cases, problems
 
