@@ -506,6 +506,16 @@ async def raw_exchange(port: int, data: bytes, timeout: float = 5.0, half_close:
     return result
 
 
+def raw_request(method: str, target: str, headers: Iterable[tuple[str, str]],
+                body: bytes = b"") -> bytes:
+    """An HTTP/1.1 request as bytes: exactly these header lines (latin-1), plus a
+    Content-Length when there is a body."""
+    lines = [f"{method} {target} HTTP/1.1", *(f"{n}: {v}" for n, v in headers)]
+    if body:
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
 def headers_of(raw: bytes) -> list[tuple[str, str]]:
     """The header lines of a raw response, as (name, value) pairs in order."""
     head = raw.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")[1:]

@@ -21,7 +21,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import Reply, config_text, free_port, headers_of, raw_response, status_of
+from conftest import (
+    Reply,
+    config_text,
+    free_port,
+    headers_of,
+    raw_request,
+    raw_response,
+    status_of,
+)
 from hostile import ProxyProcess
 
 from corsproxy.forwarding import client_request_id, forwarded_proto, real_client
@@ -31,13 +39,6 @@ APP = "https://app.example.com"
 GENERATED = re.compile(r"[0-9a-f]{32}")
 #: Bound on waiting for a line to reach the log.
 LINE = 10.0
-
-
-def request(method: str, target: str, headers: list[tuple[str, str]], body: bytes = b"") -> bytes:
-    lines = [f"{method} {target} HTTP/1.1", *(f"{n}: {v}" for n, v in headers)]
-    if body:
-        lines.append(f"Content-Length: {len(body)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
 def ids_of(raw: bytes) -> list[str]:
@@ -68,7 +69,7 @@ async def proxy(upstream, tmp_path):
 async def test_a_reasonable_client_id_goes_upstream_back_and_into_the_log(
     proxy, upstream, client_id
 ):
-    raw = await raw_response(proxy.port, request(
+    raw = await raw_response(proxy.port, raw_request(
         "POST", "/items?q=1", [("Host", "h"), ("Origin", APP), ("X-Request-Id", client_id)],
         b"12345",
     ))
@@ -96,7 +97,7 @@ async def test_a_reasonable_client_id_goes_upstream_back_and_into_the_log(
 async def test_otherwise_the_proxy_makes_one_and_uses_it_everywhere(
     proxy, upstream, why, id_headers
 ):
-    raw = await raw_response(proxy.port, request(
+    raw = await raw_response(proxy.port, raw_request(
         "GET", "/x", [("Host", "h"), ("Origin", APP), *id_headers],
     ))
     assert status_of(raw) == 200, why
@@ -111,7 +112,7 @@ async def test_otherwise_the_proxy_makes_one_and_uses_it_everywhere(
 async def test_generated_ids_differ_per_request(proxy, upstream):
     seen = set()
     for _ in range(5):
-        raw = await raw_response(proxy.port, request("GET", "/x", [("Host", "h")]))
+        raw = await raw_response(proxy.port, raw_request("GET", "/x", [("Host", "h")]))
         (rid,) = ids_of(raw)
         seen.add(rid)
     assert len(seen) == 5
@@ -123,18 +124,18 @@ async def test_answers_the_proxy_makes_itself_carry_the_id_too(proxy, upstream):
     # proxy; each answer and its access line carry one id.
     preflight = [("Host", "h"), ("Origin", APP), ("Access-Control-Request-Method", "GET")]
     for _ in range(2):
-        raw = await raw_response(proxy.port, request("OPTIONS", "/p", preflight))
+        raw = await raw_response(proxy.port, raw_request("OPTIONS", "/p", preflight))
         assert status_of(raw) == 200
         (rid,) = ids_of(raw)
         assert GENERATED.fullmatch(rid)
         record = await access_record(proxy, rid)
         assert record["method"] == "OPTIONS" and record["response_bytes"] == len(b"OK")
-    raw = await raw_response(proxy.port, request(
+    raw = await raw_response(proxy.port, raw_request(
         "OPTIONS", "/p", [*preflight, ("X-Request-Id", "preflight-7")]))
     assert ids_of(raw) == ["preflight-7"]
     await access_record(proxy, "preflight-7")
 
-    raw = await raw_response(proxy.port, request("GET", "/a/../b", [("Host", "h")]))
+    raw = await raw_response(proxy.port, raw_request("GET", "/a/../b", [("Host", "h")]))
     assert status_of(raw) == 400
     (rid,) = ids_of(raw)
     record = await access_record(proxy, rid)
@@ -151,7 +152,7 @@ async def test_answers_the_proxy_makes_itself_carry_the_id_too(proxy, upstream):
 async def test_the_upstreams_own_id_gives_way_to_the_requests(proxy, upstream):
     upstream.reply("/own", Reply(headers=[("Content-Type", "text/plain"),
                                           ("X-Request-Id", "chosen-by-upstream")]))
-    raw = await raw_response(proxy.port, request(
+    raw = await raw_response(proxy.port, raw_request(
         "GET", "/own", [("Host", "h"), ("X-Request-Id", "chosen-by-client")]))
     assert status_of(raw) == 200
     assert ids_of(raw) == ["chosen-by-client"]
@@ -218,7 +219,7 @@ async def test_a_trusted_proxys_forwarding_headers_are_kept(upstream, tmp_path):
     proc = await start(tmp_path, upstream.url,
                        listen={"trusted_proxies": ["10.0.0.0/8", "127.0.0.1"]})
     try:
-        raw = await raw_response(proc.port, request(
+        raw = await raw_response(proc.port, raw_request(
             "GET", "/t", [*FORWARDED, ("X-Request-Id", "trusted-1")]))
         assert status_of(raw) == 200
         (seen,) = await upstream.wait()
@@ -234,7 +235,7 @@ async def test_a_trusted_proxys_forwarding_headers_are_kept(upstream, tmp_path):
 async def test_anyone_elses_are_replaced(upstream, tmp_path):
     proc = await start(tmp_path, upstream.url, listen={"trusted_proxies": ["10.0.0.0/8"]})
     try:
-        raw = await raw_response(proc.port, request(
+        raw = await raw_response(proc.port, raw_request(
             "GET", "/t", [*FORWARDED, ("X-Request-Id", "untrusted-1")]))
         assert status_of(raw) == 200
         (seen,) = await upstream.wait()
@@ -257,7 +258,7 @@ async def test_same_origin_follows_a_trusted_x_forwarded_proto(
     proc = await start(tmp_path, upstream.url, listen={"trusted_proxies": trusted},
                        cors={"allow_origins": [APP], "enforce": True})
     try:
-        raw = await raw_response(proc.port, request("POST", "/s", [
+        raw = await raw_response(proc.port, raw_request("POST", "/s", [
             ("Host", "api.example.com"), ("Origin", "https://api.example.com"),
             ("X-Forwarded-Proto", "https"),
         ], b"{}"))
@@ -345,7 +346,7 @@ def access(lines: list[str]) -> list[dict]:
 async def get_ids(port: int, prefix: str, count: int) -> list[str]:
     ids = [f"{prefix}-{i}" for i in range(count)]
     for rid in ids:  # a new connection each: with workers, the kernel spreads them
-        raw = await raw_response(port, request("GET", "/r", [("Host", "h"),
+        raw = await raw_response(port, raw_request("GET", "/r", [("Host", "h"),
                                                               ("X-Request-Id", rid)]))
         assert status_of(raw) == 200
     return ids

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import headers_of, raw_exchange, status_of
+from conftest import headers_of, raw_exchange, raw_request, status_of
 from hostile import ProxyProcess
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -68,8 +68,7 @@ def proxy_config(directory: Path, upstream: str) -> Path:
 
 
 def request(method: str, path: str, *headers: tuple[str, str]) -> bytes:
-    lines = [f"{method} {path} HTTP/1.1", "Host: api.test", *(f"{n}: {v}" for n, v in headers)]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return raw_request(method, path, [("Host", "api.test"), *headers])
 
 
 #: Headers that differ between two answers of the same server, or that the proxy adds.
