@@ -6,10 +6,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-__all__ = ["ENV_CONFIG", "config_arg"]
+__all__ = ["DEFAULT_PUBLIC_SUFFIX_LIST", "ENV_CONFIG", "config_arg"]
 
 #: The environment variable every command's ``--config`` defaults to.
 ENV_CONFIG = "CORSPROXY_CONFIG"
+#: Where ``corsproxy learn`` reads the Public Suffix List (Debian's publicsuffix).
+DEFAULT_PUBLIC_SUFFIX_LIST = "/usr/share/publicsuffix/public_suffix_list.dat"
 
 
 def config_arg(parser: Any, purpose: str = "the YAML config file", metavar: str = "FILE") -> None:

@@ -16,7 +16,9 @@ problems arrive as :class:`~corsproxy.config.ConfigError` lines, file problems a
 
 ``--config`` defaults to the ``CORSPROXY_CONFIG`` environment variable in every
 command. ``run`` and ``demo`` import the server lazily, so ``check``, ``explain``
-and ``schema`` start fast and never load the server.
+and ``schema`` start fast and never load the server; ``learn`` and ``test`` import
+their modules lazily too (every command's arguments are defined here), so
+``healthcheck`` and ``run`` don't pay for them.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
-from . import __version__, learn, policytest
-from ._args import ENV_CONFIG, config_arg
+from . import __version__
+from ._args import DEFAULT_PUBLIC_SUFFIX_LIST, ENV_CONFIG, config_arg
 from .config import AdminConfig, Config, ConfigError, config_json_schema, load_config
 from .core import SAFELISTED_REQUEST_HEADERS, CorsSettings
 from .explain import explain_json, explain_text, request_view
@@ -77,6 +80,54 @@ def _workers(value: str) -> int:
             f"{workers} processes: use 1 to {MAX_WORKERS}, or auto (one per usable CPU)"
         )
     return workers
+
+
+def _min_count(value: str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{count}: use 1 or more")
+    return count
+
+
+def _learn_parser(subparsers: Any) -> None:
+    """``learn`` (:mod:`corsproxy.learn`)."""
+    p = subparsers.add_parser(
+        "learn",
+        help="propose a CORS policy from JSON access logs",
+        description="Read corsproxy's JSON access logs and print a commented YAML policy "
+        "proposal (cors and routes) on stdout: the origins seen with their counts, "
+        "subdomains of one site grouped into a pattern, risky origins commented out, the "
+        "methods and headers preflights asked for, and whether credentials were sent. "
+        "It never writes a file: redirect the output, review it, merge it.",
+    )
+    p.add_argument("--log", nargs="+", action="extend", required=True, metavar="FILE",
+                   help="JSON access log files (- for stdin; .gz files are decompressed)")
+    p.add_argument("--min-count", type=_min_count, default=1, metavar="N",
+                   help="leave out origins seen fewer than N times (default 1)")
+    config_arg(p, "also list the changes against this config", metavar="CURRENT")
+    p.add_argument("--public-suffix-list", metavar="FILE",
+                   help=f"the Public Suffix List for grouping subdomains by site (default "
+                   f"{DEFAULT_PUBLIC_SUFFIX_LIST}, Debian's publicsuffix package)")
+
+
+def _test_parser(subparsers: Any) -> None:
+    """``test`` (:mod:`corsproxy.policytest`)."""
+    p = subparsers.add_parser(
+        "test",
+        help="check the policy against a file of expected answers (for CI)",
+        description="Decide every case of a YAML case file with the config's policy (the "
+        "same core as explain) and compare with its expect: and headers:. Prints PASS/FAIL "
+        "per case and the reasons and header differences of each failure. Exit 0 when "
+        "every case passes, 1 when one fails, 2 for bad arguments or an unusable case file "
+        "or config. The case format is documented in corsproxy/policytest.py and "
+        "config/policy-tests.yaml.",
+    )
+    config_arg(p, "the YAML config file whose policy is tested")
+    p.add_argument("cases", metavar="CASES.yaml", help="the case file")
+    p.add_argument("--junit", metavar="FILE", help="also write a JUnit XML report to FILE")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,8 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
         "corsproxy/config.schema.json).",
     )
 
-    learn.add_parser(sub)
-    policytest.add_parser(sub)
+    _learn_parser(sub)
+    _test_parser(sub)
 
     p = sub.add_parser(
         "healthcheck",
@@ -522,6 +573,18 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_learn(args: argparse.Namespace) -> int:
+    from .learn import cmd_learn
+
+    return cmd_learn(args)
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from .policytest import cmd_test
+
+    return cmd_test(args)
+
+
 COMMANDS = {
     "run": cmd_run,
     "check": cmd_check,
@@ -529,8 +592,8 @@ COMMANDS = {
     "demo": cmd_demo,
     "schema": cmd_schema,
     "healthcheck": cmd_healthcheck,
-    "learn": lambda args: learn.cmd_learn(args),
-    "test": lambda args: policytest.cmd_test(args),
+    "learn": cmd_learn,
+    "test": cmd_test,
 }
 
 

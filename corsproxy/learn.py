@@ -110,7 +110,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from ._args import config_arg
+from ._args import DEFAULT_PUBLIC_SUFFIX_LIST
 from ._config_checks import origin_problem
 from .config import Config, ConfigError, load_config
 from .core import (
@@ -130,7 +130,6 @@ __all__ = [
     "PublicSuffixList",
     "Section",
     "SectionProposal",
-    "add_parser",
     "changes",
     "cmd_learn",
     "group_origins",
@@ -144,7 +143,6 @@ __all__ = [
     "yaml_scalar",
 ]
 
-DEFAULT_PUBLIC_SUFFIX_LIST = "/usr/share/publicsuffix/public_suffix_list.dat"
 #: Longest line looked at; longer ones are skipped without being kept in memory.
 MAX_LINE_BYTES = 64 * 1024
 _CHECKED_MAX = 10_000
@@ -1002,38 +1000,6 @@ def changes(proposals: list[SectionProposal], config: Config, min_count: int = 1
 # ---------------------------------------------------------------------------
 # The command
 # ---------------------------------------------------------------------------
-
-
-def _min_count(value: str) -> int:
-    try:
-        count = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if count < 1:
-        raise argparse.ArgumentTypeError(f"{count}: use 1 or more")
-    return count
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``learn`` on ``subparsers`` (from ``add_subparsers``); returns its parser."""
-    p = subparsers.add_parser(
-        "learn",
-        help="propose a CORS policy from JSON access logs",
-        description="Read corsproxy's JSON access logs and print a commented YAML policy "
-        "proposal (cors and routes) on stdout: the origins seen with their counts, "
-        "subdomains of one site grouped into a pattern, risky origins commented out, the "
-        "methods and headers preflights asked for, and whether credentials were sent. "
-        "It never writes a file: redirect the output, review it, merge it.",
-    )
-    p.add_argument("--log", nargs="+", action="extend", required=True, metavar="FILE",
-                   help="JSON access log files (- for stdin; .gz files are decompressed)")
-    p.add_argument("--min-count", type=_min_count, default=1, metavar="N",
-                   help="leave out origins seen fewer than N times (default 1)")
-    config_arg(p, "also list the changes against this config", metavar="CURRENT")
-    p.add_argument("--public-suffix-list", metavar="FILE",
-                   help=f"the Public Suffix List for grouping subdomains by site (default "
-                   f"{DEFAULT_PUBLIC_SUFFIX_LIST}, Debian's publicsuffix package)")
-    return p
 
 
 def _err(line: str) -> None:

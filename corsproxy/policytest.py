@@ -108,7 +108,7 @@ from typing import Any
 
 import yaml
 
-from ._args import ENV_CONFIG, config_arg
+from ._args import ENV_CONFIG
 from ._config_messages import _describe, _path
 from ._config_yaml import Loc, _yaml_error
 from .config import Config, ConfigError, load_config
@@ -121,7 +121,6 @@ __all__ = [
     "Case",
     "CaseFileError",
     "CaseResult",
-    "add_parser",
     "cmd_test",
     "failure_lines",
     "junit_report",
@@ -746,24 +745,6 @@ class _Report:
 # ---------------------------------------------------------------------------
 # The command
 # ---------------------------------------------------------------------------
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``corsproxy test`` on the ``add_subparsers()`` object of the CLI."""
-    p = subparsers.add_parser(
-        "test",
-        help="check the policy against a file of expected answers (for CI)",
-        description="Decide every case of a YAML case file with the config's policy (the "
-        "same core as explain) and compare with its expect: and headers:. Prints PASS/FAIL "
-        "per case and the reasons and header differences of each failure. Exit 0 when "
-        "every case passes, 1 when one fails, 2 for bad arguments or an unusable case file "
-        "or config. The case format is documented in corsproxy/policytest.py and "
-        "config/policy-tests.yaml.",
-    )
-    config_arg(p, "the YAML config file whose policy is tested")
-    p.add_argument("cases", metavar="CASES.yaml", help="the case file")
-    p.add_argument("--junit", metavar="FILE", help="also write a JUnit XML report to FILE")
-    return p
 
 
 def _err(line: str) -> None:

@@ -8,7 +8,6 @@ with the real config loader; the command runs as a real process too.
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import os
@@ -19,9 +18,10 @@ from pathlib import Path
 import pytest
 
 from corsproxy import learn
+from corsproxy.cli import build_parser
 from corsproxy.config import parse_config
 from corsproxy.core import RequestView
-from corsproxy.learn import PublicSuffixList, add_parser, cmd_learn, read_lines
+from corsproxy.learn import PublicSuffixList, cmd_learn, read_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT = 60.0
@@ -180,11 +180,9 @@ def write_log(path: Path, lines: list[str]) -> Path:
 
 
 def run(*argv: str) -> int:
-    """``corsproxy learn ARGV`` in this process, through the parser from add_parser."""
-    parser = argparse.ArgumentParser(prog="corsproxy")
-    add_parser(parser.add_subparsers(dest="command", required=True))
+    """``corsproxy learn ARGV`` in this process, through the CLI's own parser."""
     try:
-        args = parser.parse_args(["learn", *argv])
+        args = build_parser().parse_args(["learn", *argv])
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
     return cmd_learn(args)
